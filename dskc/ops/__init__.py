@@ -1,0 +1,23 @@
+"""dskc.ops: the public kernel API. Each function states its contract and checks its inputs before launching.
+
+The MoE / FP8 kernels live in `dskc.ops.moe` and `dskc.ops.fp8`, the MLA kernels in `dskc.ops.mla`; this module
+re-exports their public names.
+"""
+from __future__ import annotations
+
+import importlib
+
+_SUBMODULES = ("fp8", "moe", "mla")
+
+
+def __getattr__(name):
+    for sub in _SUBMODULES:
+        try:
+            mod = importlib.import_module(f"{__name__}.{sub}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{sub}":
+                continue
+            raise
+        if name in getattr(mod, "__all__", ()):
+            return getattr(mod, name)
+    raise AttributeError(f"dskc.ops has no {name!r}")

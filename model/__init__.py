@@ -1,0 +1,1 @@
+"""DeepSeek-style model in plain PyTorch."""
