@@ -1,0 +1,82 @@
+"""Subprocess worker for triton_xc: reads specs as JSON on stdin, compiles each for the target, prints results.
+
+Runs without TRITON_INTERPRET, so @triton.jit kernels are real JITFunctions here.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+
+from dskc.build.triton_xc import parse_resource_usage, parse_spills, tensor_core_ops
+
+
+def _bin(name: str) -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _ptxas_verbose(ptx: str, arch: str, workdir: str) -> str:
+    """ptxas -v with the flags Triton's own build uses, so the spill figures match the cubin we keep."""
+    path = os.path.join(workdir, "k.ptx")
+    with open(path, "w") as f:
+        f.write(ptx)
+    for tool in ("ptxas-blackwell", "ptxas"):
+        exe = _bin(tool)
+        if not os.path.exists(exe):
+            continue
+        proc = subprocess.run([exe, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", path,
+                               "-o", os.devnull], capture_output=True, text=True)
+        if proc.returncode == 0:
+            return proc.stderr + proc.stdout
+    return ""
+
+
+def _compile_one(spec: dict, cc: int, suffix: str, workdir: str) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+    sig = {k: v for k, v in spec["signature"]}
+    consts = {k: v for k, v in spec["constexprs"]}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    ck = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                        options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+    out_dir = tempfile.mkdtemp(dir=workdir)
+    cubin = os.path.join(out_dir, "kernel.cubin")
+    with open(cubin, "wb") as f:
+        f.write(ck.asm["cubin"])
+    with open(os.path.join(out_dir, "kernel.ptx"), "w") as f:
+        f.write(ck.asm["ptx"])
+    usage = parse_resource_usage(subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", cubin],
+                                                capture_output=True, text=True).stdout)
+    sass = subprocess.run([_bin("cuobjdump"), "--dump-sass", cubin], capture_output=True, text=True).stdout
+    stores, loads = parse_spills(_ptxas_verbose(ck.asm["ptx"], f"sm_{cc}{suffix}", workdir))
+    meta = {"registers": usage["registers"], "stack": usage["stack"],
+            "shared": max(int(ck.metadata.shared), usage["static_shared"]),
+            "spill_stores": stores, "spill_loads": loads, "tensor_core_ops": tensor_core_ops(sass),
+            "name": ck.metadata.name, "num_warps": spec["num_warps"]}
+    return {"files": {"kernel.cubin": cubin, "kernel.ptx": os.path.join(out_dir, "kernel.ptx")}, "meta": meta}
+
+
+def main() -> None:
+    req = json.loads(sys.stdin.read())
+    cc, suffix = req["arch"]
+    workdir = tempfile.mkdtemp(prefix="dskc-xc-")
+    results = []
+    for spec in req["specs"]:
+        try:
+            results.append(_compile_one(spec, cc, suffix, workdir))
+        except Exception as exc:  # a failing config is a result, not a crash
+            results.append({"error": f"{type(exc).__name__}: {exc}"[:4000],
+                            "trace": traceback.format_exc()[-2000:]})
+    sys.stdout.write("\n" + json.dumps(results) + "\n")
+
+
+if __name__ == "__main__":
+    main()
