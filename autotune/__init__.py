@@ -1,0 +1,1 @@
+"""dskc.autotune: Optuna autotuning per GPU architecture."""
