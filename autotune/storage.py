@@ -1,0 +1,70 @@
+"""Where studies live: Optuna RDB storage, an SQLite file by default, any SQLAlchemy URL for a shared server.
+
+Several worker processes share one storage and cooperate on one study; a heartbeat marks the trials of a killed
+worker FAIL (reason "worker died") once `grace_s` passes, and their configs are enqueued again, so a killed session
+resumes where it stopped.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from pathlib import Path
+
+import optuna
+
+from dskc import knobs
+
+
+class StorageError(RuntimeError):
+    """The tuning database cannot be opened (bad URL, unwritable path, server down)."""
+
+
+def default_url() -> str:
+    """sqlite file under the dskc cache dir: <cache_dir>/autotune/optuna.db."""
+    return f"sqlite:///{knobs.get().cache_dir / 'autotune' / 'optuna.db'}"
+
+
+def normalize_url(url: str | Path | None) -> str:
+    """A SQLAlchemy URL from a URL, a plain file path (-> sqlite) or None (-> default_url())."""
+    if url is None or url == "":
+        return default_url()
+    url = str(url)
+    if "://" not in url:
+        return f"sqlite:///{Path(url).expanduser().resolve()}"
+    return url
+
+
+def _mark_dead(study: optuna.Study, trial) -> None:
+    study._storage.set_trial_user_attr(trial._trial_id, "reason", "worker died (heartbeat stale); config re-enqueued")
+
+
+def open_storage(url: str | Path | None = None, heartbeat_s: int = 5, grace_s: int = 20) -> optuna.storages.RDBStorage:
+    """Open (creating if needed) the RDB storage at `url`. Raises StorageError with the URL and the cause."""
+    url = normalize_url(url)
+    kwargs = {}
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the folder of tuning database {path}: {exc}") from exc
+        kwargs = {"connect_args": {"timeout": 120}}
+    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
+        optuna.storages.RetryFailedTrialCallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = retry_cls(max_retry=1, inherit_intermediate_values=False)
+    params = inspect.signature(optuna.storages.RDBStorage).parameters
+    cb_name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else \
+        "failed_trial_callback"
+
+    def on_stale(study, trial):
+        _mark_dead(study, trial)
+        retry(study, trial)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
+                                              grace_period=grace_s, **{cb_name: on_stale})
+    except Exception as exc:  # SQLAlchemy raises many types (ArgumentError, OperationalError, ModuleNotFound...)
+        raise StorageError(f"cannot open tuning database {url!r}: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,176 @@
+"""One Optuna study per StudyKey (stem, arch, dtype, shape bucket, toolchain, timing mode, template hash, extras).
+
+`Task` holds everything a worker needs (JSON-serialisable, so worker subprocesses get it on the command line).
+`prepare(task)` creates or loads the study and enqueues the seeds (the coordinator calls it once); `work(task)` runs
+trials until the study holds `task.n_trials` finished trials (COMPLETE + PRUNED + FAIL), so several workers on one
+storage cooperate, and a killed session resumes where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+
+import optuna
+
+from dskc.arch import parse
+from dskc.build.triton_xc import toolchain
+from dskc.autotune import seeds as seeds_mod
+from dskc.autotune.objective import ModelTimer, Objective, TrialFailed, default_tensor_cores
+from dskc.autotune.space import bucket, bucket_kinds, check_problem, feasible_configs, load_space
+from dskc.autotune.storage import open_storage
+
+log = logging.getLogger("dskc.autotune")
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyKey:
+    """The identity of a study. Two runs share trials only when every field matches."""
+    stem: str
+    arch: str
+    dtype: str
+    bucket: tuple            # ((field, value), ...) in problem_names order
+    toolchain: tuple         # ((tool, version), ...)
+    timing_mode: str         # "model" | "cuda-events" | "cuda-graph"
+    template_hash: str
+    extras: tuple = ()       # ((name, value), ...), e.g. (("routing", "gate:16b"),)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()).hexdigest()
+
+    @property
+    def study_name(self) -> str:
+        shape = ",".join(f"{k}={v}" for k, v in self.bucket)
+        return f"{self.stem}/{self.arch}/{self.dtype}/{shape}/{self.timing_mode}/{self.digest()[:12]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    stem: str                # registered stem name or importable module path
+    problem: dict
+    arch: str
+    storage: str             # SQLAlchemy URL or sqlite path
+    timing: str = "model"    # "model" | "gpu"
+    sampler: str = "tpe"
+    seed: int | None = None
+    n_trials: int = 32       # finished trials the study should hold
+    extras: tuple = ()
+    imported_seeds: tuple = ()   # configs from vLLM/SGLang files (already mapped onto the space)
+    heartbeat_s: int = 5
+    grace_s: int = 20
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> "Task":
+        raw = json.loads(text)
+        raw["extras"] = tuple(tuple(x) for x in raw.get("extras", ()))
+        raw["imported_seeds"] = tuple(raw.get("imported_seeds", ()))
+        return Task(**raw)
+
+
+def make_timer(mode: str):
+    """'model' -> the roofline MODEL; 'gpu' -> CUDA-event timing (needs a GPU; clear error without one)."""
+    if mode == "model":
+        return ModelTimer()
+    if mode == "gpu":
+        from dskc.autotune.gpu import GpuTimer
+        return GpuTimer.create()
+    raise ValueError(f"unknown timing {mode!r}; expected 'model' or 'gpu'")
+
+
+def make_key(task: Task, timer) -> StudyKey:
+    space = load_space(task.stem)
+    arch = parse(task.arch)
+    prob = check_problem(space, task.problem)
+    default = seeds_mod.default_config(space, arch)
+    specs = space.module.compile_specs(prob, default)
+    dtype = next((t.lstrip("*") for _, t in specs[0].signature if t.startswith("*")), "none") if specs else "none"
+    tools = toolchain() + (("cuda", _cuda_version()),)
+    return StudyKey(space.stem, arch.name, dtype, tuple(bucket(space, prob).items()), tools, timer.mode,
+                    space.template_hash(), tuple(tuple(x) for x in task.extras))
+
+
+def _cuda_version() -> str:
+    import torch
+    return torch.version.cuda or "none"
+
+
+def make_sampler(name: str, seed: int | None):
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=8)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+    raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
+
+
+def _load(task: Task, create: bool):
+    timer = make_timer(task.timing)
+    key = make_key(task, timer)
+    storage = open_storage(task.storage, task.heartbeat_s, task.grace_s)
+    sampler = make_sampler(task.sampler, task.seed)
+    if create:
+        study = optuna.create_study(storage=storage, sampler=sampler, study_name=key.study_name,
+                                    direction="minimize", load_if_exists=True)
+    else:
+        study = optuna.load_study(storage=storage, sampler=sampler, study_name=key.study_name)
+    return study, key, timer
+
+
+def prepare(task: Task) -> tuple[optuna.Study, StudyKey]:
+    """Create (or load) the task's study, record its key and problem, enqueue the seeds once. Coordinator only.
+
+    Checked before the database is touched: the stem, arch, problem, sampler, and that some config is feasible.
+    """
+    space = load_space(task.stem)
+    make_sampler(task.sampler, task.seed)
+    key = make_key(task, make_timer(task.timing))
+    bucketed = dict(key.bucket)
+    seeds = seeds_mod.seed_configs(space, key.arch, bucketed, list(task.imported_seeds))
+    if not seeds or not feasible_configs(space, bucketed):
+        raise ValueError(f"{space.stem}: no config of the space meets its constraints for {bucketed}; nothing to tune")
+    study, key, timer = _load(task, create=True)
+    if "key" not in study.user_attrs:
+        study.set_user_attr("key", dataclasses.asdict(key))
+        study.set_user_attr("problem", bucketed)
+        study.set_user_attr("buckets", bucket_kinds(space))
+        study.set_user_attr("gpu", getattr(timer, "gpu_name", "none (model)"))
+    for label, params in seeds:
+        study.enqueue_trial(params, user_attrs={"seed": label}, skip_if_exists=True)
+    return study, key
+
+
+def finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def work(task: Task) -> int:
+    """Run trials until the study holds task.n_trials finished ones. Returns the trials this call finished."""
+    study, key, timer = _load(task, create=False)
+    space = load_space(task.stem)
+    problem = dict(key.bucket)
+    before = finished(study)
+    if before >= task.n_trials:
+        return 0
+    default = seeds_mod.default_config(space, key.arch)
+    objective = Objective(space, problem, key.arch, timer, default_tensor_cores(space, problem, key.arch, default))
+    stop = optuna.study.MaxTrialsCallback(task.n_trials, states=FINISHED)
+    study.optimize(objective, catch=(TrialFailed,), callbacks=[stop], n_trials=task.n_trials - before)
+    return finished(study) - before
+
+
+def run(task: Task) -> optuna.Study:
+    """prepare + work in this process (one worker)."""
+    prepare(task)
+    work(task)
+    return _load(task, create=False)[0]
