@@ -1,0 +1,286 @@
+"""MLA kernels: absorbed paged decode, non-absorbed varlen prefill, fused RoPE + RMSNorm + cache write.
+
+Conventions shared by every function here:
+  * Cache (absorbed form), paged, one kv head. kv_format "bf16": [num_blocks, page, 1, 576] in the query's float
+    dtype (bf16 on GPUs; fp16/fp32 also accepted); kv_format "fp8": uint8 [num_blocks, page, 1, 656] per token
+    = 512 e4m3 latent | 4 fp32 scales (latent group g of 128 is x_fp8 * scale[g]) | 64 bf16 rope key.
+  * block_table [batch, max_blocks] int32: page ids of each sequence in order; page ids need not be increasing.
+  * A sequence of length 0 is allowed: its rows get out = 0 and lse = -inf. Likewise a query row that sees no
+    key under the causal mask.
+  * lse is the natural-log log-sum-exp of the scaled logits, fp32.
+Input values (seqlens against the block table, page ids against the cache) are checked with one device sync
+unless `validate=False` or a CUDA graph is being captured.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from dskc.templates.triton import mla_decode as _dec
+
+__all__ = ["MLAMetadata", "get_mla_metadata", "mla_decode", "quantize_mla_cache_fp8", "dequantize_mla_cache_fp8"]
+
+D_LATENT, D_ROPE, D_QK = _dec.D_LATENT, _dec.D_ROPE, _dec.D_QK
+FP8_TOKEN_BYTES = _dec.FP8_TOKEN_BYTES
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+FIXED_OVERHEAD_TILES = 5   # a split costs about this many key tiles of setup + combine (FlashMLA uses 5 of 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAMetadata:
+    """Split-KV schedule for one (seqlens, rows) decode shape; reusable while seqlens and shapes stay the same.
+
+    tile_scheduler_metadata: int32 [num_parts, 8]; row p = (begin_batch, begin_tile, end_batch, end_tile (excl.),
+        split index of the begin batch's piece, block_n, 0, 0). Part p handles batch begin_batch from tile
+        begin_tile, the batches in between whole, and batch end_batch up to end_tile.
+    num_splits: int32 [batch + 1], cumulative pieces per batch (num_splits[b+1] - num_splits[b] pieces; 0 for an
+        empty sequence, 1 means the batch is written without a combine).
+    """
+    tile_scheduler_metadata: torch.Tensor
+    num_splits: torch.Tensor
+    block_m: int
+    block_n: int
+    num_q_rows: int
+
+
+def default_config(device: torch.device) -> dict:
+    """The tuning-free decode config for `device` (sm90 defaults off-GPU, e.g. under the interpreter)."""
+    if device.type == "cuda":
+        from dskc.arch import detect
+        from dskc.templates import registry
+        return registry.default_config(_dec.STEM, detect())
+    return dict(_dec.DEFAULTS["sm90"])
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few parts, so split-KV and the combine are exercised
+
+
+def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_rows: int, num_heads_k: int = 1, *, block_m=None,
+                     block_n=None, num_parts: int | None = None,
+                     overhead_tiles: int = FIXED_OVERHEAD_TILES) -> MLAMetadata:
+    """Balance the decode work of a batch over `num_parts` programs (default: SMs / row blocks), on device.
+
+    cache_seqlens: int32 [batch]; num_q_rows: s_q * h_q / num_heads_k (query rows sharing one kv head).
+    Work is counted in key tiles of block_n tokens plus `overhead_tiles` per batch; part p takes the units
+    [p*P, (p+1)*P) of the batches laid end to end, P = ceil(total / num_parts). No host sync.
+    """
+    if cache_seqlens.dim() != 1 or cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must be a 1-D int32 tensor, got {cache_seqlens.dtype} "
+                        f"{tuple(cache_seqlens.shape)}")
+    if num_heads_k != 1:
+        raise ValueError(f"MLA decode has one kv head; got num_heads_k={num_heads_k}")
+    if num_q_rows < 1:
+        raise ValueError(f"num_q_rows must be >= 1, got {num_q_rows}")
+    cfg = default_config(cache_seqlens.device)
+    block_m = int(block_m or cfg["BLOCK_M"])
+    block_n = int(block_n or cfg["BLOCK_N"])
+    if num_parts is None:
+        num_parts = max(1, _num_sms(cache_seqlens.device) // math.ceil(num_q_rows / block_m))
+    if num_parts < 1:
+        raise ValueError(f"num_parts must be >= 1, got {num_parts}")
+    dev = cache_seqlens.device
+    n = (cache_seqlens.to(torch.int64).clamp_min(0) + block_n - 1) // block_n
+    cost = n + overhead_tiles
+    ends = torch.cumsum(cost, 0)
+    starts = ends - cost
+    total = ends[-1:] if n.numel() else torch.zeros(1, dtype=torch.int64, device=dev)
+    payload = torch.clamp_min((total + num_parts - 1) // num_parts, 1)
+    first_part = (starts + overhead_tiles) // payload
+    last_part = (starts + overhead_tiles + n - 1) // payload
+    splits = torch.where(n > 0, last_part - first_part + 1, torch.zeros_like(n))
+    cum = torch.zeros(n.numel() + 1, dtype=torch.int64, device=dev)
+    cum[1:] = torch.cumsum(splits, 0)
+    p = torch.arange(num_parts, device=dev, dtype=torch.int64)
+    lo, hi = p * payload, (p + 1) * payload
+    last = max(n.numel() - 1, 0)
+    begin_b = torch.searchsorted(ends, lo, right=True)
+    end_b = torch.searchsorted(ends, hi - 1, right=True).clamp_max(last)
+    empty = begin_b >= n.numel()
+    bb, eb = begin_b.clamp_max(last), end_b
+    if n.numel():
+        begin_tile = (lo - starts[bb] - overhead_tiles).clamp(min=0).minimum(n[bb])
+        end_tile = (hi - starts[eb] - overhead_tiles).clamp(min=0).minimum(n[eb])
+        begin_split = (p - first_part[bb]).clamp_min(0)
+    else:
+        begin_tile = end_tile = begin_split = torch.zeros_like(p)
+    meta = torch.zeros(num_parts, _dec.META_COLS, dtype=torch.int64, device=dev)
+    meta[:, 0] = torch.where(empty, 1, bb)
+    meta[:, 1] = begin_tile
+    meta[:, 2] = torch.where(empty, 0, eb)
+    meta[:, 3] = end_tile
+    meta[:, 4] = begin_split
+    meta[:, 5] = block_n
+    return MLAMetadata(meta.to(torch.int32), cum.to(torch.int32), block_m, block_n, num_q_rows)
+
+
+def _check_decode(q, kv_cache, block_table, cache_seqlens, kv_format):
+    """Shapes, dtypes and devices of mla_decode's operands; returns (batch, s_q, h_q, num_blocks, page)."""
+    if q.dim() != 4 or q.shape[-1] != D_QK:
+        raise ValueError(f"q must be [batch, s_q, h_q, {D_QK}] (512 latent + 64 rope), got {tuple(q.shape)}")
+    if q.dtype not in _FLOATS:
+        raise TypeError(f"q must be bf16/fp16/fp32, got {q.dtype}")
+    if q.stride(-1) != 1:
+        raise ValueError("q must have a contiguous last dimension")
+    b, s_q, h_q, _ = q.shape
+    if not 1 <= h_q <= 128:
+        raise ValueError(f"h_q must be in 1..128, got {h_q}")
+    if kv_format == "bf16":
+        if kv_cache.dim() != 4 or kv_cache.shape[2] != 1 or kv_cache.shape[3] != D_QK:
+            raise ValueError(f"kv_cache (bf16 format) must be [num_blocks, page, 1, {D_QK}], got "
+                             f"{tuple(kv_cache.shape)}")
+        if kv_cache.dtype != q.dtype:
+            raise TypeError(f"kv_cache dtype {kv_cache.dtype} must match q dtype {q.dtype} in the bf16 format")
+    elif kv_format == "fp8":
+        if kv_cache.dim() != 4 or kv_cache.shape[2] != 1 or kv_cache.shape[3] != FP8_TOKEN_BYTES:
+            raise ValueError(f"kv_cache (fp8 format) must be uint8 [num_blocks, page, 1, {FP8_TOKEN_BYTES}], got "
+                             f"{tuple(kv_cache.shape)}")
+        if kv_cache.dtype != torch.uint8:
+            raise TypeError(f"kv_cache in the fp8 format must be uint8 bytes, got {kv_cache.dtype}")
+        if q.dtype == torch.float32:
+            raise TypeError("the fp8 cache needs a 16-bit query (bf16 or fp16)")
+    else:
+        raise ValueError(f"kv_format must be 'bf16' or 'fp8', got {kv_format!r}")
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous")
+    page = kv_cache.shape[1]
+    if not 1 <= page <= 256:
+        raise ValueError(f"page size must be in 1..256, got {page}")
+    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != b:
+        raise TypeError(f"block_table must be int32 [batch={b}, max_blocks], got {block_table.dtype} "
+                        f"{tuple(block_table.shape)}")
+    if block_table.stride(-1) != 1:
+        raise ValueError("block_table must have a contiguous last dimension")
+    if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (b,):
+        raise TypeError(f"cache_seqlens must be int32 [batch={b}], got {cache_seqlens.dtype} "
+                        f"{tuple(cache_seqlens.shape)}")
+    for name, t in (("kv_cache", kv_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    return b, s_q, h_q, kv_cache.shape[0], page
+
+
+def _should_validate(validate, device) -> bool:
+    if validate is not None:
+        return bool(validate)
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def validate_paged(block_table, cache_seqlens, num_blocks: int, page: int) -> None:
+    """Seqlens within 0..max_blocks*page, used page ids within 0..num_blocks-1 (one device sync)."""
+    cap = block_table.shape[1] * page
+    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] * page < cache_seqlens[:, None]
+    bad_ids = used & ((block_table < 0) | (block_table >= num_blocks))
+    flags = torch.stack([(cache_seqlens < 0).any(), (cache_seqlens > cap).any(), bad_ids.any()]).tolist()
+    if flags[0]:
+        raise ValueError(f"cache_seqlens has negative entries: {cache_seqlens.tolist()}")
+    if flags[1]:
+        raise ValueError(f"cache_seqlens exceed the block table's capacity {cap} tokens "
+                         f"({block_table.shape[1]} blocks x page {page}): max {int(cache_seqlens.max())}")
+    if flags[2]:
+        bad = block_table[bad_ids]
+        raise ValueError(f"block_table holds page ids outside 0..{num_blocks - 1} where the sequence is in use, "
+                         f"e.g. {bad[:4].tolist()}")
+
+
+def _cache_views(kv_cache, kv_format):
+    """(kv, scales, rope) pointer views with their (page, token) strides in elements."""
+    if kv_format == "fp8":
+        nb, page = kv_cache.shape[:2]
+        flat = kv_cache.view(nb, page, FP8_TOKEN_BYTES)
+        kv = flat.view(torch.float8_e4m3fn)
+        sc = flat.view(torch.float32)[..., D_LATENT // 4:]
+        rope = flat.view(torch.bfloat16)[..., (D_LATENT + 16) // 2:]
+        return (kv, kv.stride(0), kv.stride(1)), (sc, sc.stride(0), sc.stride(1)), (rope, rope.stride(0),
+                                                                                      rope.stride(1))
+    kv = kv_cache[:, :, 0, :]
+    rope = kv[..., D_LATENT:]
+    return (kv, kv.stride(0), kv.stride(1)), (kv, kv.stride(0), kv.stride(1)), (rope, rope.stride(0),
+                                                                                rope.stride(1))
+
+
+def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal=False, kv_format="bf16",
+               num_splits=None, metadata=None, config=None, validate=None):
+    """Absorbed MLA decode over a paged latent cache.
+
+    q: [batch, s_q, h_q, 576] bf16/fp16/fp32 (512 latent-space query + 64 rope), h_q in 1..128;
+    kv_cache, block_table, cache_seqlens: see the module docstring; softmax_scale: float multiplying q.k;
+    causal: query row s (of s_q) sees keys [0, seqlen - s_q + s]; otherwise all `seqlen` keys.
+    num_splits: number of programs the work is balanced over (default: SMs / row blocks); ignored when
+    `metadata` (from get_mla_metadata with the same seqlens and s_q*h_q) is given.
+    Returns out [batch, s_q, h_q, 512] in q's dtype and lse [batch, h_q, s_q] fp32.
+    """
+    b, s_q, h_q, num_blocks, page = _check_decode(q, kv_cache, block_table, cache_seqlens, kv_format)
+    cfg = dict(config) if config is not None else default_config(q.device)
+    rows = s_q * h_q
+    if metadata is None:
+        metadata = get_mla_metadata(cache_seqlens, rows, 1, block_m=cfg["BLOCK_M"], block_n=cfg["BLOCK_N"],
+                                    num_parts=num_splits)
+    elif metadata.num_q_rows != rows or metadata.num_splits.shape[0] != b + 1:
+        raise ValueError(f"metadata was made for {metadata.num_q_rows} rows and batch "
+                         f"{metadata.num_splits.shape[0] - 1}; this call has {rows} rows and batch {b}")
+    cfg["BLOCK_N"] = metadata.block_n
+    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale}")
+    if _should_validate(validate, q.device):
+        validate_paged(block_table, cache_seqlens, num_blocks, page)
+    out = torch.empty(b, s_q, h_q, D_LATENT, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
+    if b == 0:
+        return out, lse
+    parts = metadata.tile_scheduler_metadata.shape[0]
+    oacc = torch.empty(b + parts, rows, D_LATENT, dtype=torch.float32, device=q.device)
+    lacc = torch.empty(b + parts, rows, dtype=torch.float32, device=q.device)
+    (kv, kv_sp, kv_st), (sc, sc_sp, sc_st), (rope, r_sp, r_st) = _cache_views(kv_cache, kv_format)
+    grid = (parts, triton_cdiv(rows, cfg["BLOCK_M"]), D_LATENT // cfg["BLOCK_DV"])
+    _dec.mla_decode_split_kernel[grid](
+        q, kv, sc, rope, block_table, cache_seqlens, metadata.tile_scheduler_metadata, metadata.num_splits,
+        out, lse, oacc, lacc, s_q, h_q, q.stride(0), q.stride(1), q.stride(2), block_table.stride(0), page,
+        kv_sp, kv_st, r_sp, r_st, sc_sp, sc_st, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
+        lse.stride(1), float(softmax_scale) * math.log2(math.e),
+        CAUSAL=bool(causal) and s_q > 1, FP8=kv_format == "fp8", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_DV=cfg["BLOCK_DV"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _dec.mla_decode_combine_kernel[(b, triton_cdiv(rows, _dec.COMBINE_BLOCK_R))](
+        out, lse, oacc, lacc, metadata.num_splits, s_q, h_q, out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), BLOCK_R=_dec.COMBINE_BLOCK_R, num_warps=4)
+    return out, lse
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def quantize_mla_cache_fp8(kv: torch.Tensor) -> torch.Tensor:
+    """Pack float [..., 576] (512 latent + 64 rope) into the 656-byte FP8 token layout, uint8 [..., 656].
+
+    Each group of 128 latent values gets scale = max(amax, 1e-4) / 448 (fp32) and e4m3 values x / scale;
+    the rope key is stored as bf16.
+    """
+    if kv.shape[-1] != D_QK or kv.dtype not in _FLOATS:
+        raise ValueError(f"kv must be float [..., {D_QK}], got {kv.dtype} {tuple(kv.shape)}")
+    lead = kv.shape[:-1]
+    lat = kv[..., :D_LATENT].float().reshape(*lead, 4, 128)
+    scale = lat.abs().amax(-1).clamp_min(1e-4) / 448.0
+    q8 = (lat / scale[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn).reshape(*lead, D_LATENT)
+    out = torch.empty(*lead, FP8_TOKEN_BYTES, dtype=torch.uint8, device=kv.device)
+    out[..., :D_LATENT] = q8.view(torch.uint8)
+    out[..., D_LATENT:D_LATENT + 16] = scale.contiguous().view(torch.uint8).reshape(*lead, 16)
+    rope = kv[..., D_LATENT:].to(torch.bfloat16).contiguous()
+    out[..., D_LATENT + 16:] = rope.view(torch.uint8).reshape(*lead, 2 * D_ROPE)
+    return out
+
+
+def dequantize_mla_cache_fp8(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of quantize_mla_cache_fp8: uint8 [..., 656] -> float32 [..., 576]."""
+    if packed.shape[-1] != FP8_TOKEN_BYTES or packed.dtype != torch.uint8:
+        raise ValueError(f"packed must be uint8 [..., {FP8_TOKEN_BYTES}], got {packed.dtype} {tuple(packed.shape)}")
+    lead = packed.shape[:-1]
+    p = packed.contiguous()
+    lat = p[..., :D_LATENT].view(torch.float8_e4m3fn).float().reshape(*lead, 4, 128)
+    scale = p[..., D_LATENT:D_LATENT + 16].contiguous().view(torch.float32).reshape(*lead, 4)
+    rope = p[..., D_LATENT + 16:].contiguous().view(torch.bfloat16).float()
+    return torch.cat([(lat * scale[..., None]).reshape(*lead, D_LATENT), rope], -1)

@@ -1,0 +1,244 @@
+"""MLA decode, absorbed form: split-KV attention of (s_q x h_q) query rows against a paged latent cache.
+
+Per token the cache holds 576 elements: 512 latent (also the value) + 64 shared rope key. Two layouts:
+  * dense:  [num_blocks, page, 1, 576] in the query's 16/32-bit float dtype;
+  * FP8:    uint8 [num_blocks, page, 1, 656] = 512 e4m3 | 4 fp32 scales (one per 128 latent) | 64 bf16 rope.
+
+Kernels:
+  `mla_decode_split_kernel`  grid (num_parts, ceil(s_q*h_q / BLOCK_M)). Part p walks its slice of the work given
+      by the scheduling metadata (batches begin_b..end_b, BLOCK_N-token tiles begin_tile..end_tile). A batch whose
+      work is all in one part is written straight to (out, lse); otherwise each piece writes an fp32 partial
+      (o, lse) into slot cum_splits[b] + split index of an accumulator.
+  `mla_decode_combine_kernel` grid (batch, ceil(rows / BLOCK_R)): merges the partials of split batches; writes
+      out = 0, lse = -inf for empty sequences (seqlen 0).
+Query rows are (s, h) flattened with h fastest; query row s sees keys [0, seqlen - s_q + s] when causal.
+The 512 latent columns are handled as 4 chunks of 128 (matching the FP8 scale groups) so no tile needs 512 live
+columns of one operand at once.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from dskc.build.triton_xc import CompileSpec
+
+STEM = "mla_decode"
+D_LATENT = 512
+D_ROPE = 64
+D_QK = D_LATENT + D_ROPE
+_DL = tl.constexpr(D_LATENT)
+FP8_TOKEN_BYTES = 656
+META_COLS = 8          # tile_scheduler_metadata row: begin_b, begin_tile, end_b, end_tile, begin_split, 0, 0, 0
+
+SPACE = {
+    "BLOCK_M": (16, 32, 64),
+    "BLOCK_N": (16, 32, 64),
+    "BLOCK_DV": (128, 256, 512),
+    "num_warps": (4, 8),
+    "num_stages": (1, 2, 3),
+}
+CONSTRAINTS = (
+    "BLOCK_M <= max(16, s_q * h_q * 2)",
+    "BLOCK_M * BLOCK_N <= 4096",
+)
+# 64 rows x 64 keys, 8 warps: the fp32 accumulator (64 x 512) is 128 registers per thread; a 64-row tile is what
+# sm_90 wgmma needs, and rows beyond h_q*s_q are masked (cheap while the step is memory-bound).
+DEFAULTS = {
+    "sm80": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_DV": 512, "num_warps": 8, "num_stages": 1},
+    "sm90": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_DV": 512, "num_warps": 8, "num_stages": 1},
+    "sm100": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_DV": 512, "num_warps": 8, "num_stages": 1},
+}
+
+
+def problem_names() -> tuple[str, ...]:
+    return ("batch", "s_q", "h_q", "seqlen", "page_size", "kv_fp8")
+
+
+@triton.jit
+def _load_latent(kv_ptr, sc_ptr, row_off, sc_off, cols, n_mask, FP8: tl.constexpr, DTYPE: tl.constexpr):
+    """Latent columns `cols` of the gathered tokens (rows at row_off), dequantized to DTYPE."""
+    x = tl.load(kv_ptr + row_off[:, None] + cols[None, :], mask=n_mask[:, None], other=0.0)
+    if FP8:
+        scale = tl.load(sc_ptr + sc_off[:, None] + (cols // 128)[None, :], mask=n_mask[:, None], other=0.0)
+        x = (x.to(tl.float32) * scale).to(DTYPE)
+    else:
+        x = x.to(DTYPE)
+    return x
+
+
+@triton.jit
+def _tile_update(q_lat, q_rope, kv_ptr, sc_ptr, rope_ptr, block_table_ptr, b, t0, seqlen, limit, dv0,
+                 m_i, l_i, acc, stride_bt, PAGE, stride_page, stride_tok, rope_stride_page, rope_stride_tok,
+                 sc_stride_page, sc_stride_tok, qk_scale, FP8: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, DTYPE: tl.constexpr):
+    """One BLOCK_N-token tile of online softmax (base-2 logits) for all rows of the program."""
+    t = t0 + tl.arange(0, BLOCK_N)
+    n_mask = t < seqlen
+    page = tl.load(block_table_ptr + b * stride_bt + t // PAGE, mask=n_mask, other=0).to(tl.int64)
+    slot = (t % PAGE).to(tl.int64)
+    row_off = page * stride_page + slot * stride_tok
+    sc_off = page * sc_stride_page + slot * sc_stride_tok
+    rope_off = page * rope_stride_page + slot * rope_stride_tok
+    k_lat = _load_latent(kv_ptr, sc_ptr, row_off, sc_off, tl.arange(0, _DL), n_mask, FP8, DTYPE)
+    k_rope = tl.load(rope_ptr + rope_off[:, None] + tl.arange(0, 64)[None, :], mask=n_mask[:, None], other=0.0)
+    s = tl.dot(q_lat, tl.trans(k_lat))
+    s = tl.dot(q_rope, tl.trans(k_rope.to(DTYPE)), s)
+    s = s * qk_scale
+    s = tl.where(t[None, :] <= limit[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if BLOCK_DV == _DL:
+        v = k_lat
+    else:
+        v = _load_latent(kv_ptr, sc_ptr, row_off, sc_off, dv0 + tl.arange(0, BLOCK_DV), n_mask, FP8, DTYPE)
+    acc = tl.dot(p.to(DTYPE), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
+def mla_decode_split_kernel(
+        q_ptr, kv_ptr, sc_ptr, rope_ptr, block_table_ptr, seqlens_ptr, meta_ptr, cum_splits_ptr,
+        out_ptr, lse_ptr, oacc_ptr, lacc_ptr,
+        S_Q, H_Q, stride_qb, stride_qs, stride_qh,
+        stride_bt, PAGE, stride_page, stride_tok, rope_stride_page, rope_stride_tok, sc_stride_page,
+        sc_stride_tok, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, qk_scale,
+        CAUSAL: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_DV: tl.constexpr):
+    """Attention of BLOCK_M query rows (output columns dv0..dv0+BLOCK_DV) over one part's tiles."""
+    DTYPE = q_ptr.dtype.element_ty
+    part = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dv0 = tl.program_id(2) * BLOCK_DV
+    dv = dv0 + tl.arange(0, BLOCK_DV)
+    n_rows = S_Q * H_Q
+    row_mask = rows < n_rows
+    s_idx = rows // H_Q
+    h_idx = rows % H_Q
+    begin_b = tl.load(meta_ptr + part * 8 + 0)
+    begin_tile = tl.load(meta_ptr + part * 8 + 1)
+    end_b = tl.load(meta_ptr + part * 8 + 2)
+    end_tile = tl.load(meta_ptr + part * 8 + 3)
+    begin_split = tl.load(meta_ptr + part * 8 + 4)
+    for i in range(0, end_b - begin_b + 1):
+        b = begin_b + i
+        seqlen = tl.load(seqlens_ptr + b)
+        t_lo = tl.where(b == begin_b, begin_tile, 0)
+        t_hi = tl.where(b == end_b, end_tile, tl.cdiv(seqlen, BLOCK_N))
+        if t_lo < t_hi:
+            q_off = b.to(tl.int64) * stride_qb + s_idx * stride_qs + h_idx * stride_qh
+            q_lat = tl.load(q_ptr + q_off[:, None] + tl.arange(0, _DL)[None, :], mask=row_mask[:, None], other=0.0)
+            q_rope = tl.load(q_ptr + q_off[:, None] + _DL + tl.arange(0, 64)[None, :], mask=row_mask[:, None],
+                             other=0.0)
+            if CAUSAL:
+                limit = seqlen - S_Q + s_idx
+            else:
+                limit = tl.zeros([BLOCK_M], tl.int32) + seqlen - 1
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+            for tile in range(t_lo, t_hi):
+                m_i, l_i, acc = _tile_update(
+                    q_lat, q_rope, kv_ptr, sc_ptr, rope_ptr, block_table_ptr, b, tile * BLOCK_N, seqlen, limit, dv0,
+                    m_i, l_i, acc, stride_bt, PAGE, stride_page, stride_tok, rope_stride_page, rope_stride_tok,
+                    sc_stride_page, sc_stride_tok, qk_scale, FP8, BLOCK_N, BLOCK_DV, DTYPE)
+            empty = l_i == 0.0
+            acc = acc * tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))[:, None]
+            lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+            cum0 = tl.load(cum_splits_ptr + b)
+            n_split = tl.load(cum_splits_ptr + b + 1) - cum0
+            if n_split == 1:
+                o_off = b.to(tl.int64) * stride_ob + s_idx * stride_os + h_idx * stride_oh
+                tl.store(out_ptr + o_off[:, None] + dv[None, :], acc.to(out_ptr.dtype.element_ty),
+                         mask=row_mask[:, None])
+                if dv0 == 0:
+                    tl.store(lse_ptr + b * stride_lb + h_idx * stride_lh + s_idx, lse, mask=row_mask)
+            else:
+                slot = (cum0 + tl.where(b == begin_b, begin_split, 0)).to(tl.int64)
+                a_off = (slot * n_rows + rows) * _DL
+                tl.store(oacc_ptr + a_off[:, None] + dv[None, :], acc, mask=row_mask[:, None])
+                if dv0 == 0:
+                    tl.store(lacc_ptr + slot * n_rows + rows, lse, mask=row_mask)
+
+
+@triton.jit
+def mla_decode_combine_kernel(out_ptr, lse_ptr, oacc_ptr, lacc_ptr, cum_splits_ptr, S_Q, H_Q,
+                              stride_ob, stride_os, stride_oh, stride_lb, stride_lh, BLOCK_R: tl.constexpr):
+    """Merge the fp32 partials of batch program_id(0) (only batches with 0 or >= 2 splits are touched)."""
+    b = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n_rows = S_Q * H_Q
+    row_mask = rows < n_rows
+    s_idx = rows // H_Q
+    h_idx = rows % H_Q
+    cum0 = tl.load(cum_splits_ptr + b)
+    n_split = tl.load(cum_splits_ptr + b + 1) - cum0
+    if n_split != 1:
+        cols = tl.arange(0, _DL)
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        for i in range(0, n_split):
+            m = tl.maximum(m, tl.load(lacc_ptr + (cum0 + i).to(tl.int64) * n_rows + rows, mask=row_mask,
+                                      other=float("-inf")))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        w_sum = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, _DL], tl.float32)
+        for i in range(0, n_split):
+            slot = (cum0 + i).to(tl.int64)
+            w = tl.exp(tl.load(lacc_ptr + slot * n_rows + rows, mask=row_mask, other=float("-inf")) - m_safe)
+            o = tl.load(oacc_ptr + (slot * n_rows + rows)[:, None] * _DL + cols[None, :],
+                        mask=row_mask[:, None], other=0.0)
+            acc += w[:, None] * o
+            w_sum += w
+        empty = w_sum == 0.0
+        acc = acc / tl.where(empty, 1.0, w_sum)[:, None]
+        lse = tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, w_sum)))
+        o_off = b.to(tl.int64) * stride_ob + s_idx * stride_os + h_idx * stride_oh
+        tl.store(out_ptr + o_off[:, None] + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+        tl.store(lse_ptr + b * stride_lb + h_idx * stride_lh + s_idx, lse, mask=row_mask)
+
+
+def _dtype_sig(problem: dict) -> str:
+    return {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[problem.get("dtype", "bfloat16")]
+
+
+def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
+    """The split kernel (for the problem's cache format) and the combine kernel."""
+    dt = _dtype_sig(problem)
+    fp8 = bool(problem["kv_fp8"])
+    kv_t, sc_t, rope_t = ("*fp8e4nv", "*fp32", "*bf16") if fp8 else (dt, dt, dt)
+    split_sig = {"q_ptr": dt, "kv_ptr": kv_t, "sc_ptr": sc_t, "rope_ptr": rope_t, "block_table_ptr": "*i32",
+                 "seqlens_ptr": "*i32", "meta_ptr": "*i32", "cum_splits_ptr": "*i32", "out_ptr": dt,
+                 "lse_ptr": "*fp32", "oacc_ptr": "*fp32", "lacc_ptr": "*fp32"}
+    for name in ("S_Q", "H_Q", "stride_qb", "stride_qs", "stride_qh", "stride_bt", "PAGE", "stride_page",
+                 "stride_tok", "rope_stride_page", "rope_stride_tok", "sc_stride_page", "sc_stride_tok",
+                 "stride_ob", "stride_os", "stride_oh", "stride_lb", "stride_lh"):
+        split_sig[name] = "i32"
+    split_sig["qk_scale"] = "fp32"
+    causal = bool(problem.get("causal", problem["s_q"] > 1))
+    for name in ("CAUSAL", "FP8", "BLOCK_M", "BLOCK_N", "BLOCK_DV"):
+        split_sig[name] = "constexpr"
+    split = CompileSpec.make(__name__, "mla_decode_split_kernel", split_sig,
+                             {"CAUSAL": causal, "FP8": fp8, "BLOCK_M": config["BLOCK_M"],
+                              "BLOCK_N": config["BLOCK_N"], "BLOCK_DV": config["BLOCK_DV"]}, config["num_warps"], config["num_stages"])
+    comb_sig = {"out_ptr": dt, "lse_ptr": "*fp32", "oacc_ptr": "*fp32", "lacc_ptr": "*fp32",
+                "cum_splits_ptr": "*i32", "S_Q": "i32", "H_Q": "i32", "stride_ob": "i32", "stride_os": "i32",
+                "stride_oh": "i32", "stride_lb": "i32", "stride_lh": "i32", "BLOCK_R": "constexpr"}
+    comb = CompileSpec.make(__name__, "mla_decode_combine_kernel", comb_sig, {"BLOCK_R": COMBINE_BLOCK_R}, 4, 1)
+    return [split, comb]
+
+
+COMBINE_BLOCK_R = 8
+
+
+def cache_bytes_per_token(kv_fp8: bool, elem_bytes: int = 2) -> int:
+    return FP8_TOKEN_BYTES if kv_fp8 else D_QK * elem_bytes
+
+
+def cost(problem: dict) -> tuple[float, float]:
+    """(flops, bytes): QK^T over 576 + PV over 512 per (row, key); bytes = cache read + q + out."""
+    b, s_q, h_q, n = problem["batch"], problem["s_q"], problem["h_q"], problem["seqlen"]
+    flops = 2.0 * b * s_q * h_q * n * (D_QK + D_LATENT)
+    cache = b * n * cache_bytes_per_token(bool(problem["kv_fp8"]))
+    return flops, float(cache + b * s_q * h_q * (D_QK + D_LATENT) * 2)
