@@ -1,0 +1,234 @@
+"""Public FP8 / dense GEMM ops: activation quantisation (plain and fused) and block-scaled / bf16 GEMMs.
+
+Every function checks its inputs (dtype, shape, device, contiguity, alignment) before any launch and raises
+TypeError / ValueError naming the problem. Tensors must be CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+`config` (a dict over the stem's SPACE, see dskc.templates.triton.<stem>) overrides the arch default.
+"""
+from __future__ import annotations
+
+import torch
+
+from dskc import knobs
+
+__all__ = ["act_quant", "rmsnorm_act_quant", "silu_mul_act_quant", "fp8_gemm", "bf16_gemm"]
+
+BLOCK = 128
+FP8 = torch.float8_e4m3fn
+_ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _family(device: torch.device) -> str:
+    """Key of the DEFAULTS tables for tensors on `device` (CPU under the interpreter uses the sm90 table)."""
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return "sm100" if major >= 10 else "sm90" if major == 9 else "sm80"
+    if device.type == "cpu" and knobs.get().triton_interpret:
+        return "sm90"
+    raise ValueError(f"dskc kernels run on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {device}")
+
+
+def _config(stem: str, device: torch.device, config: dict | None) -> dict:
+    from dskc.templates import registry
+
+    mod = registry.get(stem)
+    family = _family(device)
+    if config is None:
+        return dict(mod.DEFAULTS[family])
+    missing = sorted(set(mod.SPACE) - set(config))
+    unknown = sorted(set(config) - set(mod.SPACE))
+    if missing or unknown:
+        raise ValueError(f"config for {stem!r} lacks {missing} / has unknown {unknown}; keys are {list(mod.SPACE)}")
+    return dict(config)
+
+
+def _check_tensor(name: str, t, dtypes, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.dim() > 0 and t.numel() > 0 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (stride {t.stride()})")
+
+
+def _same_device(**tensors) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        raise ValueError(f"tensors must share one device, got {devices}")
+    _family(first)
+    return first
+
+
+def _check_out(out, shape: tuple, dtypes, device) -> None:
+    _check_tensor("out", out, dtypes)
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device}, the inputs on {device}")
+
+
+def _rows(name: str, x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as a 2-D [rows, K] view (no copy); raises if the leading dims cannot be flattened."""
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension")
+    try:
+        return x.view(-1, x.shape[-1])
+    except RuntimeError as exc:
+        raise ValueError(f"{name} with shape {tuple(x.shape)} and stride {x.stride()} cannot be viewed as rows; "
+                         f"make it contiguous") from exc
+
+
+def _empty_quant(x2: torch.Tensor, lead: tuple, k: int):
+    q = torch.empty(x2.shape[0], k, dtype=FP8, device=x2.device)
+    s = torch.empty(x2.shape[0], -(-k // BLOCK), dtype=torch.float32, device=x2.device)
+    return q, s, lead
+
+
+def act_quant(x: torch.Tensor, block: int = BLOCK, ue8m0: bool = False, config: dict | None = None):
+    """Per-token 1x128 e4m3 quantisation: x [..., K] (bf16/fp16/fp32, last dim contiguous) -> (q, s).
+
+    q [..., K] float8_e4m3fn, s [..., ceil(K/128)] fp32 with x ~= q * s per 128-column block;
+    s = max(amax, 1e-4) / 448, rounded up to a power of two when `ue8m0`. Only block = 128 is supported.
+    """
+    if block != BLOCK:
+        raise ValueError(f"act_quant supports block = {BLOCK} only, got {block}")
+    _check_tensor("x", x, _ACT_DTYPES)
+    device = _same_device(x=x)
+    cfg = _config("act_quant", device, config)
+    x2 = _rows("x", x)
+    q, s, _ = _empty_quant(x2, x.shape[:-1], x.shape[-1])
+    if x2.numel():
+        from dskc.templates.triton import act_quant as tpl
+        tpl.launch_act_quant(x2, q, s, ue8m0, cfg)
+    return q.view(x.shape), s.view(*x.shape[:-1], s.shape[-1])
+
+
+def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
+                      ue8m0: bool = False, config: dict | None = None):
+    """RMSNorm then 1x128 e4m3 quantisation, optionally after a residual add (vLLM's fused_add_rms_norm).
+
+    x [..., K] and residual (same shape and dtype) bf16/fp16/fp32; weight [K] of x's dtype.
+    h = x + residual (rounded to the dtype); y = h * rsqrt(mean(h^2) + eps) * weight, rounded to x's dtype (what
+    the unfused model would feed its Linear), then quantised as in `act_quant`.
+    Returns (q, s) without residual, (q, s, h) with it: h is the new residual stream (the normed bf16 tensor itself
+    is never materialised).
+    """
+    _check_tensor("x", x, _ACT_DTYPES)
+    _check_tensor("weight", weight, (x.dtype,), ndim=1)
+    if weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight has {weight.shape[0]} elements, x's last dim is {x.shape[-1]}")
+    if residual is not None:
+        _check_tensor("residual", residual, (x.dtype,))
+        if residual.shape != x.shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} differs from x's {tuple(x.shape)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    device = _same_device(x=x, weight=weight, residual=residual)
+    cfg = _config("act_quant", device, config)
+    x2 = _rows("x", x)
+    r2 = _rows("residual", residual) if residual is not None else None
+    q, s, _ = _empty_quant(x2, x.shape[:-1], x.shape[-1])
+    h = torch.empty_like(x2) if residual is not None else None
+    if x2.numel():
+        from dskc.templates.triton import act_quant as tpl
+        tpl.launch_rmsnorm_quant(x2, r2, weight, eps, q, s, h, ue8m0, cfg)
+    outs = (q.view(x.shape), s.view(*x.shape[:-1], s.shape[-1]))
+    return outs if residual is None else outs + (h.view(x.shape),)
+
+
+def silu_mul_act_quant(gate_up: torch.Tensor, ue8m0: bool = False, config: dict | None = None):
+    """SiLU(gate) * up then 1x128 e4m3 quantisation: gate_up [..., 2I] (gate first) -> (q [..., I], s).
+
+    The product is formed in fp32 and quantised as in `act_quant`; s is [..., ceil(I/128)] fp32.
+    """
+    _check_tensor("gate_up", gate_up, _ACT_DTYPES)
+    if gate_up.dim() < 1 or gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up's last dim must be even (gate | up), got shape {tuple(gate_up.shape)}")
+    device = _same_device(gate_up=gate_up)
+    cfg = _config("act_quant", device, config)
+    g2 = _rows("gate_up", gate_up)
+    inter = gate_up.shape[-1] // 2
+    q, s, _ = _empty_quant(g2, gate_up.shape[:-1], inter)
+    if g2.numel():
+        from dskc.templates.triton import act_quant as tpl
+        tpl.launch_silu_mul_quant(g2, q, s, ue8m0, cfg)
+    lead = gate_up.shape[:-1]
+    return q.view(*lead, inter), s.view(*lead, s.shape[-1])
+
+
+def _check_aligned(name: str, t: torch.Tensor) -> None:
+    if t.data_ptr() % 16 or (t.shape[0] > 1 and (t.stride(0) * t.element_size()) % 16):
+        raise ValueError(f"{name} rows must start 16-byte aligned (data_ptr {t.data_ptr()}, stride {t.stride()})")
+
+
+def _check_fp8_operands(a, sa, b, sb) -> None:
+    for name, t in (("a", a), ("b", b)):
+        _check_tensor(name, t, (FP8,), ndim=2)
+    for name, t in (("sa", sa), ("sb", sb)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() != 2:
+            raise TypeError(f"{name} must be a 2-D float32 tensor of scales")
+    (M, K), (N, Kb) = a.shape, b.shape
+    if K != Kb:
+        raise ValueError(f"a is [M, K] = {tuple(a.shape)} but b is [N, K] = {tuple(b.shape)}: K differs")
+    if K % BLOCK:
+        raise ValueError(f"K = {K} must be a multiple of {BLOCK}")
+    if tuple(sa.shape) != (M, K // BLOCK):
+        raise ValueError(f"sa must be [M, K/128] = {(M, K // BLOCK)}, got {tuple(sa.shape)}")
+    if tuple(sb.shape) != (-(-N // BLOCK), K // BLOCK):
+        raise ValueError(f"sb must be [ceil(N/128), K/128] = {(-(-N // BLOCK), K // BLOCK)}, got {tuple(sb.shape)}")
+    _check_aligned("a", a)
+    _check_aligned("b", b)
+
+
+def fp8_gemm(a, sa, b, sb, out=None, out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None):
+    """D[M, N] = (a * sa) @ (b * sb)^T, DeepSeek's "1D2D" block-scaled FP8 GEMM, fp32 accumulation.
+
+    a [M, K] float8_e4m3fn with sa [M, K/128] fp32 (per token per 128 of K); b [N, K] float8_e4m3fn with
+    sb [ceil(N/128), K/128] fp32 (per 128x128 block). Any M >= 0 and N; K a multiple of 128. a and b contiguous in
+    K with 16-byte aligned rows; scales in any strides (row- or column-major). out (optional) [M, N] of out_dtype
+    (bf16, fp16 or fp32), contiguous in N. Returns out.
+    """
+    _check_fp8_operands(a, sa, b, sb)
+    device = _same_device(a=a, sa=sa, b=b, sb=sb, out=out)
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {[str(d) for d in _OUT_DTYPES]}, got {out_dtype}")
+    M, N = a.shape[0], b.shape[0]
+    if out is None:
+        out = torch.empty(M, N, dtype=out_dtype, device=device)
+    _check_out(out, (M, N), _OUT_DTYPES, device)
+    cfg = _config("fp8_gemm_1d2d", device, config)
+    if M and N:
+        from dskc.templates.triton import fp8_gemm as tpl
+        tpl.launch(a, sa, b, sb, out, cfg)
+    return out
+
+
+def bf16_gemm(a, b, out=None, config: dict | None = None):
+    """D[M, N] = a[M, K] @ b[N, K]^T with fp32 accumulation, output in the operands' dtype.
+
+    a and b bf16 (or fp16, both the same), contiguous in K, K a multiple of 8 (16-byte aligned rows); any M, N.
+    out (optional) [M, N] of the same dtype, contiguous in N. Returns out.
+    """
+    _check_tensor("a", a, (torch.bfloat16, torch.float16), ndim=2)
+    _check_tensor("b", b, (a.dtype,), ndim=2)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a is [M, K] = {tuple(a.shape)} but b is [N, K] = {tuple(b.shape)}: K differs")
+    if a.shape[1] % 8:
+        raise ValueError(f"K = {a.shape[1]} must be a multiple of 8 (16-byte aligned rows)")
+    _check_aligned("a", a)
+    _check_aligned("b", b)
+    device = _same_device(a=a, b=b, out=out)
+    M, N = a.shape[0], b.shape[0]
+    if out is None:
+        out = torch.empty(M, N, dtype=a.dtype, device=device)
+    _check_out(out, (M, N), (a.dtype,), device)
+    cfg = _config("bf16_gemm", device, config)
+    if M and N and a.shape[1]:
+        from dskc.templates.triton import bf16_gemm as tpl
+        tpl.launch(a, b, out, cfg)
+    elif M and N:
+        out.zero_()
+    return out

@@ -1,0 +1,199 @@
+"""Stem act_quant: per-token 1x128 e4m3 quantisation of activations, plain or fused after RMSNorm / SiLU-and-mul.
+
+For each row and each 128 columns: amax = max(|x|) clamped to >= 1e-4, s = amax / 448 (UE8M0 = 1 rounds s up to a
+power of two, DeepSeek-V3.1's "ue8m0" scale format), q = e4m3(x / s) (REFERENCE.md section 2). Scales are fp32
+[M, ceil(K/128)]; a partial last block is quantised on its own columns.
+
+Three kernels share the config (BLOCK_M rows per program, num_warps):
+- act_quant_kernel: x [M, K] -> (q, s). Grid (ceil(M/BLOCK_M), ceil(K/128)).
+- rmsnorm_quant_kernel: h = x (+ residual, stored rounded to its dtype as the new residual); y = h / rms(h) * w
+  rounded to x's dtype (as the unfused model would hand it to its Linear) then quantised. Two passes over the row
+  (sum of squares, then normalise + quantise), so K is not bounded by registers. Grid (ceil(M/BLOCK_M),).
+- silu_mul_quant_kernel: gate_up [M, 2I] -> y = silu(gate) * up in fp32, quantised. Grid (ceil(M/BLOCK_M), ceil(I/128)).
+The e4m3 values are encoded by `e4m3_bits` (integer arithmetic, round-to-nearest-even) and stored through a uint8
+view: the same code then runs on sm_80 (where Triton has no e4m3 type), on sm_90/sm_100, and in the interpreter
+(whose fp32 -> e4m3 cast truncates, unlike the GPU's cvt.rn). The kernels are memory-bound, so the few extra
+integer ops per element cost nothing measurable.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from dskc.build.triton_xc import CompileSpec
+
+STEM = "act_quant"
+
+SPACE = {
+    "BLOCK_M": (1, 2, 4, 8, 16, 32),
+    "num_warps": (1, 2, 4, 8),
+    "num_stages": (1, 2),
+}
+
+CONSTRAINTS = (
+    "BLOCK_M * 128 // (32 * num_warps) <= 64",   # fp32 tile elements per thread
+    "BLOCK_M * 128 >= 32 * num_warps",           # every thread holds something
+)
+
+DEFAULTS = {
+    "sm80": {"BLOCK_M": 8, "num_warps": 4, "num_stages": 1},
+    "sm90": {"BLOCK_M": 8, "num_warps": 4, "num_stages": 1},
+    "sm100": {"BLOCK_M": 8, "num_warps": 4, "num_stages": 1},
+}
+
+FP8_MAX = 448.0
+AMAX_MIN = 1e-4
+
+
+def problem_names() -> tuple[str, ...]:
+    return ("M", "K")
+
+
+def cost(problem: dict) -> tuple[float, float]:
+    """(flops, bytes) of the plain kernel: read bf16, write fp8 and fp32 scales."""
+    m, k = problem["M"], problem["K"]
+    return 3.0 * m * k, float(2 * m * k + m * k + 4 * m * triton.cdiv(k, 128))
+
+
+@triton.jit
+def e4m3_bits(y):
+    """e4m3 bit patterns (uint8) of fp32 values already clamped to [-448, 448], round-to-nearest-even."""
+    a = tl.abs(y)
+    sign = (y.to(tl.int32, bitcast=True) >> 24) & 0x80
+    sub = (a * 512.0 + 8388608.0) - 8388608.0          # subnormal grid 2^-9, RNE by the fp32 magic number
+    abits = a.to(tl.int32, bitcast=True)
+    rounded = (abits + 0x7FFFF + ((abits >> 20) & 1)) >> 20  # fp32 exponent | top 3 mantissa bits, RNE
+    code = tl.where(a < 0.015625, sub.to(tl.int32), rounded - (120 << 3))
+    return (code | sign).to(tl.uint8)
+
+
+@triton.jit
+def _quantize(x, UE8M0: tl.constexpr):
+    """Row-wise (q as e4m3 bits, s) of an fp32 [BLOCK_M, 128] tile."""
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)
+    s = amax / 448.0
+    if UE8M0:  # round the scale up to a power of two, exactly (bit arithmetic, no log2)
+        bits = s.to(tl.int32, bitcast=True)
+        expo = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        s = (expo << 23).to(tl.float32, bitcast=True)
+    y = tl.clamp(x / s[:, None], -448.0, 448.0)
+    return e4m3_bits(y), s
+
+
+@triton.jit
+def act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
+                     BLOCK_M: tl.constexpr, UE8M0: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * 128 + tl.arange(0, 128)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    q, s = _quantize(x, UE8M0)
+    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
+    tl.store(s_ptr + rows * stride_sm + tl.program_id(1), s, mask=rows < M)
+
+
+@triton.jit
+def _residual_sum(x_ptr, r_ptr, rows, cols, mask, stride_xm, stride_rm, HAS_RES: tl.constexpr):
+    """x (+ residual, rounded to the residual's dtype) of one tile, in fp32."""
+    h = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(r_ptr + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = (h + r).to(r_ptr.dtype.element_ty).to(tl.float32)
+    return h
+
+
+@triton.jit
+def rmsnorm_quant_kernel(x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, rout_ptr, M, K, eps,
+                         stride_xm, stride_rm, stride_routm, stride_qm, stride_sm,
+                         BLOCK_M: tl.constexpr, HAS_RES: tl.constexpr, UE8M0: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, 128)):
+        cols = kb * 128 + tl.arange(0, 128)
+        mask = (rows[:, None] < M) & (cols[None, :] < K)
+        h = _residual_sum(x_ptr, r_ptr, rows, cols, mask, stride_xm, stride_rm, HAS_RES)
+        if HAS_RES:
+            tl.store(rout_ptr + rows[:, None] * stride_routm + cols[None, :],
+                     h.to(rout_ptr.dtype.element_ty), mask=mask)
+        sumsq += tl.sum(h * h, axis=1)
+    rstd = 1.0 / tl.sqrt(sumsq / K + eps)
+    for kb in range(0, tl.cdiv(K, 128)):
+        cols = kb * 128 + tl.arange(0, 128)
+        mask = (rows[:, None] < M) & (cols[None, :] < K)
+        h = _residual_sum(x_ptr, r_ptr, rows, cols, mask, stride_xm, stride_rm, HAS_RES)
+        w = tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        y = (h * rstd[:, None] * w[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
+        q, s = _quantize(y, UE8M0)
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
+        tl.store(s_ptr + rows * stride_sm + kb, s, mask=rows < M)
+
+
+@triton.jit
+def silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, M, I, stride_gm, stride_qm, stride_sm,
+                          BLOCK_M: tl.constexpr, UE8M0: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * 128 + tl.arange(0, 128)
+    mask = (rows[:, None] < M) & (cols[None, :] < I)
+    g_ptrs = gu_ptr + rows[:, None] * stride_gm + cols[None, :]
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(g_ptrs + I, mask=mask, other=0.0).to(tl.float32)
+    y = g / (1.0 + tl.exp(-g)) * u
+    q, s = _quantize(y, UE8M0)
+    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
+    tl.store(s_ptr + rows * stride_sm + tl.program_id(1), s, mask=rows < M)
+
+
+def compile_specs(problem: dict, config: dict, dtype: str = "bf16") -> list[CompileSpec]:
+    """The three kernels (plain, RMSNorm(+residual), SiLU-and-mul) for `dtype` activations."""
+    q = "*u8"
+    act = f"*{dtype}"
+    common = {"BLOCK_M": config["BLOCK_M"], "UE8M0": 0}
+    opts = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+    const = {name: "constexpr" for name in common}
+    plain = {"x_ptr": act, "q_ptr": q, "s_ptr": "*fp32", "M": "i32", "K": "i32",
+             "stride_xm": "i32", "stride_qm": "i32", "stride_sm": "i32", **const}
+    norm = {"x_ptr": act, "r_ptr": act, "w_ptr": act, "q_ptr": q, "s_ptr": "*fp32", "rout_ptr": act,
+            "M": "i32", "K": "i32", "eps": "fp32", "stride_xm": "i32", "stride_rm": "i32", "stride_routm": "i32",
+            "stride_qm": "i32", "stride_sm": "i32", "HAS_RES": "constexpr", **const}
+    silu = {"gu_ptr": act, "q_ptr": q, "s_ptr": "*fp32", "M": "i32", "I": "i32",
+            "stride_gm": "i32", "stride_qm": "i32", "stride_sm": "i32", **const}
+    return [CompileSpec.make(__name__, "act_quant_kernel", plain, common, **opts),
+            CompileSpec.make(__name__, "rmsnorm_quant_kernel", norm, {**common, "HAS_RES": 1}, **opts),
+            CompileSpec.make(__name__, "silu_mul_quant_kernel", silu, common, **opts)]
+
+
+def _bits(q):
+    import torch
+    return q.view(torch.uint8)
+
+
+def launch_act_quant(x, q, s, ue8m0: bool, config: dict) -> None:
+    """x [M, K] -> q [M, K] e4m3, s [M, ceil(K/128)] fp32 (inputs checked by dskc.ops.fp8)."""
+    M, K = x.shape
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(K, 128))
+    act_quant_kernel[grid](x, _bits(q), s, M, K, x.stride(0), q.stride(0), s.stride(0),
+                           BLOCK_M=config["BLOCK_M"], UE8M0=int(ue8m0),
+                           num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def launch_rmsnorm_quant(x, residual, weight, eps, q, s, residual_out, ue8m0: bool, config: dict) -> None:
+    """RMSNorm(x (+ residual)) * weight -> (q, s); residual_out gets x + residual when residual is given."""
+    M, K = x.shape
+    has_res = residual is not None
+    r = residual if has_res else x
+    rout = residual_out if has_res else x
+    rmsnorm_quant_kernel[(triton.cdiv(M, config["BLOCK_M"]),)](
+        x, r, weight, _bits(q), s, rout, M, K, float(eps),
+        x.stride(0), r.stride(0), rout.stride(0), q.stride(0), s.stride(0),
+        BLOCK_M=config["BLOCK_M"], HAS_RES=int(has_res), UE8M0=int(ue8m0),
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def launch_silu_mul_quant(gate_up, q, s, ue8m0: bool, config: dict) -> None:
+    """gate_up [M, 2I] -> q [M, I] e4m3 of silu(gate) * up, s [M, ceil(I/128)]."""
+    M, two_i = gate_up.shape
+    inter = two_i // 2
+    grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(inter, 128))
+    silu_mul_quant_kernel[grid](gate_up, _bits(q), s, M, inter, gate_up.stride(0), q.stride(0),
+                                s.stride(0), BLOCK_M=config["BLOCK_M"], UE8M0=int(ue8m0),
+                                num_warps=config["num_warps"], num_stages=config["num_stages"])

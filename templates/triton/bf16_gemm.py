@@ -1,0 +1,105 @@
+"""Stem bf16_gemm: D[M, N] = A[M, K] @ B[N, K]^T for bf16 (or fp16) models, fp32 accumulation.
+
+B is an nn.Linear weight ([out_features, in_features], K contiguous). Rows past M / N are wrapped instead of
+masked (read, never stored); the K tail is masked only when K % BLOCK_K != 0 (EVEN_K = 0). Rows must start
+16-byte aligned (K % 8 == 0, checked by dskc.ops.fp8.bf16_gemm), the hint that makes the loads 16-byte cp.async.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dskc.build.triton_xc import CompileSpec
+from dskc.templates.triton._gemm_common import SMEM_LIMIT, num_tiles, tile_coords
+
+STEM = "bf16_gemm"
+
+SPACE = {
+    "BLOCK_M": (16, 32, 64, 128),
+    "BLOCK_N": (64, 128, 256),
+    "BLOCK_K": (32, 64, 128),
+    "GROUP_M": (1, 8, 32),
+    "num_warps": (4, 8),
+    "num_stages": (2, 3, 4, 5),
+}
+
+CONSTRAINTS = (
+    f"num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K * 2 <= {SMEM_LIMIT}",
+    "BLOCK_M * BLOCK_N // (32 * num_warps) <= 128",     # fp32 accumulator registers per thread
+    "K % 8 == 0",                                        # 16-byte aligned rows
+)
+
+# Measured with kernel_report at M=N=K=4096 (tests/kernels/test_reports_gemm.py): sm_90a 122 registers, 128 KiB
+# shared, HGMMA, no spills (128x256: 209 registers, no spills); sm_80 188 registers HMMA; sm_100a 82 UTCHMMA.
+DEFAULTS = {
+    "sm80": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    "sm90": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    "sm100": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+}
+
+_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+
+
+def problem_names() -> tuple[str, ...]:
+    return ("M", "N", "K")
+
+
+def cost(problem: dict) -> tuple[float, float]:
+    """(flops, bytes): 2MNK; A, B and D once in 16-bit."""
+    m, n, k = problem["M"], problem["N"], problem["K"]
+    return 2.0 * m * n * k, 2.0 * (m * k + n * k + m * n)
+
+
+@triton.jit
+def bf16_gemm_kernel(a_ptr, b_ptr, d_ptr, M, N, K, stride_am, stride_bn, stride_dm,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + (offs_n % N)[None, :] * stride_bn + offs_k[:, None]
+    a_ptrs = tl.multiple_of(a_ptrs, [8, 8])  # 16-byte aligned rows (see module docstring)
+    b_ptrs = tl.multiple_of(b_ptrs, [8, 8])
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k * BLOCK_K, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k * BLOCK_K, other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    d_ptrs = d_ptr + offs_m[:, None] * stride_dm + offs_n[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(d_ptrs, acc.to(d_ptr.dtype.element_ty), mask=mask)
+
+
+_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+
+
+def compile_specs(problem: dict, config: dict, dtype: torch.dtype = torch.bfloat16) -> list[CompileSpec]:
+    """The one kernel of this stem, for operands and output of `dtype`."""
+    sig = {"a_ptr": _TYPES[dtype], "b_ptr": _TYPES[dtype], "d_ptr": _TYPES[dtype]}
+    sig.update({name: "i32" for name in ("M", "N", "K", "stride_am", "stride_bn", "stride_dm")})
+    consts = {name: config[name] for name in _CONSTEXPRS}
+    consts["EVEN_K"] = int(problem["K"] % config["BLOCK_K"] == 0)
+    sig.update({name: "constexpr" for name in consts})
+    return [CompileSpec.make(__name__, "bf16_gemm_kernel", sig, consts,
+                             num_warps=config["num_warps"], num_stages=config["num_stages"])]
+
+
+def launch(a, b, out, config: dict) -> None:
+    """Run the kernel on checked inputs (dskc.ops.fp8.bf16_gemm does the checking): out[M, N] is written."""
+    M, K = a.shape
+    N = b.shape[0]
+    grid = (num_tiles(M, N, config["BLOCK_M"], config["BLOCK_N"]),)
+    bf16_gemm_kernel[grid](a, b, out, M, N, K, a.stride(0), b.stride(0), out.stride(0),
+                           **{name: config[name] for name in _CONSTEXPRS}, EVEN_K=int(K % config["BLOCK_K"] == 0),
+                           num_warps=config["num_warps"], num_stages=config["num_stages"])

@@ -1,0 +1,158 @@
+"""Stem fp8_gemm_1d2d: D[M, N] = (A * sa) @ (B * sb)^T with DeepSeek's block scaling ("1D2D").
+
+A [M, K] e4m3 with sa [M, K/128] fp32 (1x128 per-token scales), B [N, K] e4m3 with sb [ceil(N/128), K/128] fp32
+(128x128 block scales), D [M, N] bf16 (or fp16/fp32). Each BLOCK_K = 128 slice of K is multiplied on the tensor
+cores into a fresh fp32 partial that is scaled and added to the fp32 accumulator: the "promotion every 128 of K"
+of REFERENCE.md section 2 (Hopper's fp8 MMA keeps ~14 bits when it accumulates over long K by itself).
+
+Rows of A and B past M / N are wrapped (`% M`) instead of masked: they are read but never stored, which keeps
+masks off the inner loop. SPLIT_K > 1 writes fp32 partial sums to a [SPLIT_K, M, N] workspace that the launcher
+reduces; it pays for small M with large K (M = 64, N = 2112, K = 7168 is 17 tiles of 128 on 132 SMs).
+UPCAST = 1 (for sm_80, which has neither fp8 tensor cores nor an e4m3 type in Triton) takes A and B as raw uint8
+bytes and decodes them to fp16 before the dot (exact: every e4m3 value is an fp16 value).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dskc.build.triton_xc import CompileSpec
+from dskc.templates.triton._gemm_common import SMEM_LIMIT, e4m3_bits_to_fp16, num_tiles, tile_coords
+
+STEM = "fp8_gemm_1d2d"
+
+SPACE = {
+    "BLOCK_M": (16, 32, 64, 128),
+    "BLOCK_N": (64, 128, 256),
+    "BLOCK_K": (128,),
+    "GROUP_M": (1, 8, 32),
+    "SPLIT_K": (1, 2, 4, 8),
+    "UPCAST": (0, 1),
+    "num_warps": (4, 8),
+    "num_stages": (2, 3, 4, 5),
+}
+
+CONSTRAINTS = (
+    "BLOCK_K == 128",                                   # one scale per 128 of K: promotion every K tile
+    "K % BLOCK_K == 0",
+    f"num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K * (1 + UPCAST) <= {SMEM_LIMIT}",
+    "SPLIT_K <= K // BLOCK_K",
+    "BLOCK_M * BLOCK_N // (32 * num_warps) <= 64",      # fp32 accumulator per thread: 128 spilled (sm_90a)
+)
+
+# Measured with kernel_report at M=N=K=4096 (tests/kernels/test_reports_gemm.py): sm_90a 128x128, 8 warps,
+# 4 stages: 182 registers, 128 KiB shared, no spills, QGMMA (128x256 spilled 600 B); sm_100a: 168 registers, UTCQMMA.
+DEFAULTS = {
+    "sm80": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "SPLIT_K": 1, "UPCAST": 1,
+             "num_warps": 4, "num_stages": 3},
+    "sm90": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "SPLIT_K": 1, "UPCAST": 0,
+             "num_warps": 8, "num_stages": 4},
+    "sm100": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "SPLIT_K": 1, "UPCAST": 0,
+              "num_warps": 8, "num_stages": 4},
+}
+
+_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "UPCAST")
+
+
+def problem_names() -> tuple[str, ...]:
+    return ("M", "N", "K")
+
+
+def cost(problem: dict) -> tuple[float, float]:
+    """(flops, bytes): 2MNK; A and B once in fp8, their fp32 scales, D once in bf16."""
+    m, n, k = problem["M"], problem["N"], problem["K"]
+    scales = 4 * (m * k // 128 + triton.cdiv(n, 128) * k // 128)
+    return 2.0 * m * n * k, float(m * k + n * k + scales + 2 * m * n)
+
+
+@triton.jit
+def fp8_gemm_1d2d_kernel(a_ptr, b_ptr, d_ptr, sa_ptr, sb_ptr, M, N, K,
+                         stride_am, stride_bn, stride_dm, stride_dsplit,
+                         stride_sam, stride_sak, stride_sbn, stride_sbk,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST: tl.constexpr):
+    tl.assume(stride_am % 16 == 0)
+    tl.assume(stride_bn % 16 == 0)
+    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    k_tiles = K // BLOCK_K
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_lo = pid_k * per_split
+    k_hi = tl.minimum(k_lo + per_split, k_tiles)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_a = offs_m % M
+    rows_b = offs_n % N
+    offs_k = k_lo * BLOCK_K + tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + rows_b[None, :] * stride_bn + offs_k[:, None]
+    # Rows start 16-byte aligned (checked by the launcher): the hint the runtime specialisation would give, so
+    # the loads become 16-byte cp.async into a pipelined shared-memory ring, in cross-compiled reports too.
+    a_ptrs = tl.multiple_of(a_ptrs, [16, 16])
+    b_ptrs = tl.multiple_of(b_ptrs, [16, 16])
+    sa_ptrs = sa_ptr + rows_a * stride_sam + k_lo * stride_sak
+    if BLOCK_N <= 128:  # the whole N tile lies in one 128-row block of B: one scalar scale per K tile
+        sb_ptrs = sb_ptr + (pid_n * BLOCK_N // 128) * stride_sbn + k_lo * stride_sbk
+    else:
+        sb_ptrs = sb_ptr + (rows_b // 128) * stride_sbn + k_lo * stride_sbk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(k_lo, k_hi):
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+        s_a = tl.load(sa_ptrs)
+        s_b = tl.load(sb_ptrs)
+        if UPCAST:
+            a = e4m3_bits_to_fp16(a)
+            b = e4m3_bits_to_fp16(b)
+        part = tl.dot(a, b)
+        if BLOCK_N <= 128:
+            acc += part * (s_a * s_b)[:, None]
+        else:
+            acc += part * s_a[:, None] * s_b[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+        sa_ptrs += stride_sak
+        sb_ptrs += stride_sbk
+
+    d_ptrs = d_ptr + pid_k * stride_dsplit + offs_m[:, None] * stride_dm + offs_n[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(d_ptrs, acc.to(d_ptr.dtype.element_ty), mask=mask)
+
+
+def _type(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+
+
+def compile_specs(problem: dict, config: dict, out_dtype: torch.dtype = torch.bfloat16) -> list[CompileSpec]:
+    """The one kernel of this stem; with SPLIT_K > 1 it writes an fp32 workspace."""
+    d_type = "*fp32" if config["SPLIT_K"] > 1 else _type(out_dtype)
+    ab = "*u8" if config["UPCAST"] else "*fp8e4nv"
+    sig = {"a_ptr": ab, "b_ptr": ab, "d_ptr": d_type, "sa_ptr": "*fp32", "sb_ptr": "*fp32"}
+    sig.update({name: "i32" for name in ("M", "N", "K", "stride_am", "stride_bn", "stride_dm", "stride_dsplit",
+                                         "stride_sam", "stride_sak", "stride_sbn", "stride_sbk")})
+    consts = {name: config[name] for name in _CONSTEXPRS}
+    sig.update({name: "constexpr" for name in consts})
+    return [CompileSpec.make(__name__, "fp8_gemm_1d2d_kernel", sig, consts,
+                             num_warps=config["num_warps"], num_stages=config["num_stages"])]
+
+
+def launch(a, sa, b, sb, out, config: dict) -> None:
+    """Run the kernel on checked inputs (dskc.ops.fp8.fp8_gemm does the checking): out[M, N] is written."""
+    M, K = a.shape
+    N = b.shape[0]
+    split = config["SPLIT_K"]
+    target = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=out.device)
+    grid = (num_tiles(M, N, config["BLOCK_M"], config["BLOCK_N"]), split)
+    if config["UPCAST"]:
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    fp8_gemm_1d2d_kernel[grid](
+        a, b, target, sa, sb, M, N, K,
+        a.stride(0), b.stride(0), target.stride(-2), target.stride(0) if split > 1 else 0,
+        sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1),
+        **{name: config[name] for name in _CONSTEXPRS},
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if split > 1:
+        torch.sum(target, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(target.sum(dim=0))
