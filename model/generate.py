@@ -23,6 +23,10 @@ def _check(model, prompts, max_new_tokens, temperature) -> None:
         raise ValueError("prompts must be a non-empty list of token-id lists")
     if any(not isinstance(p, (list, tuple)) or not p for p in prompts):
         raise ValueError("every prompt must be a non-empty list of token ids")
+    vocab = model.args.vocab_size
+    bad = [t for p in prompts for t in p if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt token ids must be ints in [0, {vocab}), got {bad[:5]}")
     if len(prompts) > model.args.max_batch_size:
         raise ValueError(f"{len(prompts)} prompts > max_batch_size ({model.args.max_batch_size})")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
