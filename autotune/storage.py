@@ -1,8 +1,8 @@
 """Where studies live: Optuna RDB storage, an SQLite file by default, any SQLAlchemy URL for a shared server.
 
 Several worker processes share one storage and cooperate on one study; a heartbeat marks the trials of a killed
-worker FAIL (reason "worker died") once `grace_s` passes, and their configs are enqueued again, so a killed session
-resumes where it stopped.
+worker FAIL once `grace_s` passes (a finished trial cannot take a user attr; the retry that re-enqueues its config
+carries system_attrs["failed_trial"] = its id), so a killed session resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -34,10 +34,6 @@ def normalize_url(url: str | Path | None) -> str:
     return url
 
 
-def _mark_dead(study: optuna.Study, trial) -> None:
-    study._storage.set_trial_user_attr(trial._trial_id, "reason", "worker died (heartbeat stale); config re-enqueued")
-
-
 def open_storage(url: str | Path | None = None, heartbeat_s: int = 5, grace_s: int = 20) -> optuna.storages.RDBStorage:
     """Open (creating if needed) the RDB storage at `url`. Raises StorageError with the URL and the cause."""
     url = normalize_url(url)
@@ -57,14 +53,10 @@ def open_storage(url: str | Path | None = None, heartbeat_s: int = 5, grace_s: i
     params = inspect.signature(optuna.storages.RDBStorage).parameters
     cb_name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else \
         "failed_trial_callback"
-
-    def on_stale(study, trial):
-        _mark_dead(study, trial)
-        retry(study, trial)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
-                                              grace_period=grace_s, **{cb_name: on_stale})
+                                              grace_period=grace_s, **{cb_name: retry})
     except Exception as exc:  # SQLAlchemy raises many types (ArgumentError, OperationalError, ModuleNotFound...)
         raise StorageError(f"cannot open tuning database {url!r}: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,69 @@
+"""Several processes on one SQLite storage: a killed worker's session resumes, two workers share one study."""
+import signal
+import subprocess
+import time
+
+import optuna
+
+from dskc.autotune import Task, open_storage, prepare, work
+from dskc.autotune.study import finished
+
+PROBLEM = {"M": 77, "N": 190, "K": 128}
+States = optuna.trial.TrialState
+
+
+def _task(tmp_path, n):
+    return Task("probe_stem", PROBLEM, "sm90a", str(tmp_path / "w.db"), n_trials=n, seed=1, heartbeat_s=1, grace_s=2)
+
+
+def _spawn(python, task, env):
+    return subprocess.Popen([python, "-m", "dskc.autotune.worker", task.to_json()], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(study, count, proc, limit_s=90):
+    deadline = time.monotonic() + limit_s
+    while finished(study) < count:
+        assert proc.poll() is None, f"worker exited early: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "worker made no progress"
+        time.sleep(0.05)
+
+
+def test_killed_worker_resumes_and_trial_count_continues(tmp_path, python, worker_env):
+    task = _task(tmp_path, 12)
+    study, key = prepare(task)
+    proc = _spawn(python, task, worker_env)
+    _wait_for(study, 4, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {t.number: (t.state, t.value) for t in study.get_trials() if t.state in (States.COMPLETE, States.PRUNED)}
+    assert 4 <= len(before) < 12
+    time.sleep(task.grace_s + 0.5)            # let the dead worker's heartbeat go stale
+    work(task)                                # the resumed session (here: in this process)
+    trials = optuna.load_study(study_name=key.study_name, storage=open_storage(task.storage)).get_trials()
+    assert [t.number for t in trials] == list(range(len(trials)))
+    assert finished(study) >= 12 and not [t for t in trials if t.state == States.RUNNING]
+    for t in trials:                          # nothing finished before the kill was lost or changed
+        if t.number in before:
+            assert (t.state, t.value) == before[t.number]
+    assert max(t.number for t in trials) >= max(before) + 1
+    retried = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) for t in trials}
+    for t in trials:
+        if t.state == States.FAIL:            # the trial the kill interrupted, if one was running: config re-run
+            assert t.number in retried
+
+
+def test_two_workers_share_one_study_without_losing_or_duplicating(tmp_path, python, worker_env):
+    task = _task(tmp_path, 16)
+    study, key = prepare(task)
+    procs = [_spawn(python, task, worker_env) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=150)
+        assert p.returncode == 0, err[-2000:]
+    trials = optuna.load_study(study_name=key.study_name, storage=open_storage(task.storage)).get_trials()
+    assert [t.number for t in trials] == list(range(len(trials)))
+    assert 16 <= len(trials) <= 17                                   # each worker may finish one in flight
+    assert all(t.state in (States.COMPLETE, States.PRUNED) for t in trials)
+    assert len({t._trial_id for t in trials}) == len(trials)
+    seeds = [t for t in trials if "seed" in t.user_attrs]
+    assert [t.user_attrs["seed"] for t in seeds].count("default") == 1   # seeds ran once, not once per worker
