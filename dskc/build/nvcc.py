@@ -117,7 +117,8 @@ def _source_hash(job: NvccJob) -> str:
 
 def cache_key(job: NvccJob, tools: tuple) -> cache.CacheKey:
     arch = parse(job.arch)
-    cfg = job.config + (("flags", tuple(flags(arch))),)
+    portable = tuple(f for f in flags(arch) if not f.startswith("-I"))   # headers are keyed by version/content
+    cfg = job.config + (("flags", portable),)
     return cache.CacheKey("cutlass", job.name, _source_hash(job), cfg, arch.name, tools)
 
 

@@ -1,7 +1,6 @@
 """CUTLASS stems without nvcc: spaces, constraints, candidates, rendering, failure results, ptxas parsing."""
 from __future__ import annotations
 
-import os
 import re
 import stat
 import time
@@ -12,21 +11,8 @@ from dskc import knobs
 from dskc.build import nvcc
 from dskc.templates import cutlass
 
-# Per stem: two non-default configs that must render (and, verified by hand / the slow tier, compile).
-OTHER_CONFIGS = {
-    "sm90_fp8_grouped_gemm_1d2d": (
-        {"TILE_M": 128, "TILE_N": 128, "TILE_K": 128, "CLUSTER_M": 1, "CLUSTER_N": 1, "SCHEDULE": "cooperative"},
-        {"TILE_M": 64, "TILE_N": 128, "TILE_K": 128, "CLUSTER_M": 1, "CLUSTER_N": 1, "SCHEDULE": "pingpong"},
-    ),
-    "sm90_fp8_gemm_1d2d": (
-        {"TILE_M": 128, "TILE_N": 256, "TILE_K": 128, "CLUSTER_M": 2, "CLUSTER_N": 1, "SCHEDULE": "cooperative"},
-        {"TILE_M": 64, "TILE_N": 128, "TILE_K": 128, "CLUSTER_M": 1, "CLUSTER_N": 2, "SCHEDULE": "pingpong"},
-    ),
-    "sm90_bf16_gemm": (
-        {"TILE_M": 128, "TILE_N": 128, "TILE_K": 64, "CLUSTER_M": 1, "CLUSTER_N": 2, "SCHEDULE": "pingpong"},
-        {"TILE_M": 256, "TILE_N": 128, "TILE_K": 64, "CLUSTER_M": 1, "CLUSTER_N": 1, "SCHEDULE": "cooperative"},
-    ),
-}
+from dskc.templates.cutlass.spaces import VERIFIED as OTHER_CONFIGS
+
 PROBLEMS = {"sm90_fp8_grouped_gemm_1d2d": {"G": 8, "M": 4096, "N": 4096, "K": 7168},
             "sm90_fp8_gemm_1d2d": {"M": 4096, "N": 2112, "K": 7168},
             "sm90_bf16_gemm": {"M": 4096, "N": 4096, "K": 4096}}
