@@ -1,0 +1,146 @@
+"""Stem moe_route: DeepSeek-V3's Gate after the gate projection, in one kernel.
+
+Input: logits [T, E] fp32 (x @ W_gate^T) and an optional per-expert bias [E] fp32. Per token:
+  1. scores = sigmoid(logits) or softmax(logits) over the E experts;
+  2. sel = scores + bias (the bias steers SELECTION only);
+  3. with N_GROUPS > 1: group score = sum of the top-2 `sel` in the group when a bias exists, else the group max;
+     keep the N_LIMITED best groups, every expert of the other groups drops out;
+  4. the TOP_K best `sel` among the kept experts, in descending order;
+  5. weights = scores (WITHOUT bias) at those experts; under sigmoid divided by their sum; times route_scale.
+Output: weights [T, TOP_K] fp32 and expert ids [T, TOP_K] int32.
+
+Ties: every selection takes the LOWEST index among exactly equal values (expert index for experts, group index for
+groups). That is what a stable descending sort picks; torch.topk gives the same on inputs without exact ties (the
+random inputs of the tests) and does not document its choice on exact ties.
+
+One program handles BLOCK_T tokens with all E experts in registers (E padded to BLOCK_E, a power of two); each of
+the N_GROUPS group scores, N_LIMITED group picks and TOP_K expert picks is one masked max/min reduction over the
+row, unrolled at compile time (E = 256, TOP_K = 8, 8 groups: 8 + 4 + 8 reductions per row).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from dskc.build.triton_xc import CompileSpec
+
+STEM = "moe_route"
+
+SPACE = {
+    "BLOCK_T": (1, 2, 4, 8, 16, 32),
+    "num_warps": (1, 2, 4, 8),
+}
+
+CONSTRAINTS = (
+    "BLOCK_T * max(E, 32) <= 8192",     # the score row block lives in registers (<= 64 fp32 per thread at 4 warps)
+)
+
+DEFAULTS = {
+    "sm80": {"BLOCK_T": 4, "num_warps": 4},
+    "sm90": {"BLOCK_T": 4, "num_warps": 4},
+    "sm100": {"BLOCK_T": 4, "num_warps": 4},
+}
+
+
+def problem_names() -> tuple[str, ...]:
+    return ("T", "E", "top_k", "n_groups", "n_limited_groups", "sigmoid", "has_bias")
+
+
+def cost(problem: dict) -> tuple[float, float]:
+    """(flops, bytes): a few passes over the [T, E] scores; reads logits, writes weights and ids."""
+    t, e, k = problem["T"], problem["E"], problem["top_k"]
+    passes = 3 + 2 * problem["n_groups"] + problem["n_limited_groups"] + 2 * k
+    return float(t * e * passes), float(4 * t * e + 4 * e + 8 * t * k)
+
+
+def block_e(E: int) -> int:
+    return triton.next_power_of_2(max(E, 2))
+
+
+def constexprs(problem: dict, config: dict) -> dict:
+    """The kernel's compile-time arguments for a problem and config."""
+    return {"E": problem["E"], "BLOCK_E": block_e(problem["E"]), "N_GROUPS": problem["n_groups"],
+            "N_LIMITED": problem["n_limited_groups"], "BLOCK_G": triton.next_power_of_2(problem["n_groups"]),
+            "TOP_K": problem["top_k"], "BLOCK_K": triton.next_power_of_2(problem["top_k"]),
+            "SIGMOID": int(bool(problem["sigmoid"])), "HAS_BIAS": int(bool(problem["has_bias"])),
+            "BLOCK_T": config["BLOCK_T"]}
+
+
+def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
+    sig = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i32", "T": "i32",
+           "route_scale": "fp32"}
+    cx = constexprs(problem, config)
+    sig.update({k: "constexpr" for k in cx})
+    return [CompileSpec.make(__name__, "moe_route_kernel", sig, cx, num_warps=config["num_warps"], num_stages=1)]
+
+
+@triton.jit
+def _first_max(v, cols, BIG: tl.constexpr):
+    """Per row: the max of v [R, C] and the lowest column index holding it."""
+    m = tl.max(v, 1)
+    idx = tl.min(tl.where(v == m[:, None], cols[None, :], BIG), 1)
+    return m, idx
+
+
+@triton.jit
+def _limit_groups(sel, cols, E: tl.constexpr, BLOCK_E: tl.constexpr, N_GROUPS: tl.constexpr,
+                  N_LIMITED: tl.constexpr, BLOCK_G: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Set `sel` to -inf outside the N_LIMITED best groups of each row."""
+    GS: tl.constexpr = E // N_GROUPS
+    grp = cols // GS
+    gcols = tl.arange(0, BLOCK_G)
+    gscore = tl.full([sel.shape[0], BLOCK_G], float("-inf"), tl.float32)
+    for g in tl.static_range(N_GROUPS):
+        v = tl.where((grp == g)[None, :], sel, float("-inf"))
+        m, idx = _first_max(v, cols, BLOCK_E)
+        if HAS_BIAS:  # top-2 sum: drop the first max once, take the max again
+            m = m + tl.max(tl.where(cols[None, :] == idx[:, None], float("-inf"), v), 1)
+        gscore = tl.where(gcols[None, :] == g, m[:, None], gscore)
+    keep = tl.zeros(sel.shape, tl.int1)
+    for j in tl.static_range(N_LIMITED):
+        gm, gi = _first_max(gscore, gcols, BLOCK_G)
+        keep = keep | (grp[None, :] == gi[:, None])
+        gscore = tl.where(gcols[None, :] == gi[:, None], float("-inf"), gscore)
+    return tl.where(keep, sel, float("-inf"))
+
+
+@triton.jit
+def moe_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, T, route_scale,
+                     E: tl.constexpr, BLOCK_E: tl.constexpr, N_GROUPS: tl.constexpr, N_LIMITED: tl.constexpr,
+                     BLOCK_G: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, SIGMOID: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    rmask = rows < T
+    cmask = cols < E
+    x = tl.load(logits_ptr + rows[:, None] * E + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                other=0.0).to(tl.float32)
+    if SIGMOID:
+        scores = tl.sigmoid(x)
+    else:
+        xm = tl.where(cmask[None, :], x, float("-inf"))
+        ex = tl.exp(xm - tl.max(xm, 1)[:, None])
+        scores = ex / tl.sum(ex, 1)[:, None]
+    sel = scores
+    if HAS_BIAS:
+        sel = scores + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+    sel = tl.where(cmask[None, :], sel, float("-inf"))
+    if N_GROUPS > 1:
+        sel = _limit_groups(sel, cols, E, BLOCK_E, N_GROUPS, N_LIMITED, BLOCK_G, HAS_BIAS)
+    kcols = tl.arange(0, BLOCK_K)
+    wts = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
+    ids = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
+    for j in tl.static_range(TOP_K):
+        m, idx = _first_max(sel, cols, BLOCK_E)
+        hit = cols[None, :] == idx[:, None]
+        w = tl.sum(tl.where(hit, scores, 0.0), 1)
+        wts = tl.where(kcols[None, :] == j, w[:, None], wts)
+        ids = tl.where(kcols[None, :] == j, idx[:, None], ids)
+        sel = tl.where(hit, float("-inf"), sel)
+    if SIGMOID:
+        wts = wts / tl.sum(wts, 1)[:, None]
+    wts = wts * route_scale
+    omask = rmask[:, None] & (kcols < TOP_K)[None, :]
+    offs = rows[:, None] * TOP_K + kcols[None, :]
+    tl.store(weights_ptr + offs, wts, mask=omask)
+    tl.store(ids_ptr + offs, ids, mask=omask)
