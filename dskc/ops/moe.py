@@ -1,0 +1,493 @@
+"""dskc.ops.moe: DeepSeek-V3 MoE kernels (routing, permutation, grouped GEMM, combine) and `fused_moe`.
+
+Every public function checks dtypes, shapes, scale shapes and devices before it launches anything and raises
+ValueError / TypeError naming the problem. Kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1.
+Configs: each launcher takes `config=None` (the stem's tuning-free default for the current GPU, sm90's without one)
+or a dict over the stem's SPACE (see dskc.templates.triton.{moe_route,moe_permute,grouped_gemm}).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+
+from dskc import knobs
+from dskc.templates.triton import grouped_gemm as _gg
+from dskc.templates.triton import moe_permute as _perm
+from dskc.templates.triton import moe_route as _route
+
+__all__ = ["moe_route", "moe_align", "moe_gather", "moe_combine", "grouped_gemm", "grouped_gemm_contiguous",
+           "grouped_gemm_masked", "fused_moe", "MoeLayout"]
+
+FP8 = torch.float8_e4m3fn
+_HALF = (torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------- checks and configs
+
+def _fail(msg: str, exc=ValueError):
+    raise exc(msg)
+
+
+def _tensor(name: str, t, dtypes=None, ndim=None, shape=None):
+    if not isinstance(t, torch.Tensor):
+        _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    if dtypes is not None and t.dtype not in dtypes:
+        _fail(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}", TypeError)
+    if ndim is not None and t.dim() != ndim:
+        _fail(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        _fail(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        _fail(f"{name} must be contiguous (call .contiguous())")
+
+
+def _devices(**named):
+    """All tensors on one device, and a device the kernels can run on."""
+    tensors = {k: v for k, v in named.items() if v is not None}
+    devs = {str(v.device) for v in tensors.values()}
+    if len(devs) > 1:
+        _fail(f"tensors are on different devices: {', '.join(f'{k}={v.device}' for k, v in tensors.items())}")
+    dev = next(iter(tensors.values())).device
+    if dev.type != "cuda" and not knobs.get().triton_interpret:
+        _fail(f"dskc MoE kernels need CUDA tensors (got {dev}); CPU tensors run only under TRITON_INTERPRET=1")
+
+
+def _config(mod, config) -> dict:
+    """The stem's default for this machine's GPU (sm90's without a GPU), overridden by `config`'s keys."""
+    family = "sm90"
+    if torch.cuda.is_available() and not knobs.get().triton_interpret:
+        from dskc.arch import detect
+        family = detect().family
+    cfg = dict(mod.DEFAULTS.get(family, mod.DEFAULTS["sm90"]))
+    if config:
+        unknown = set(config) - set(mod.SPACE)
+        if unknown:
+            _fail(f"config keys {sorted(unknown)} are not in {mod.STEM}'s space {sorted(mod.SPACE)}")
+        cfg.update(config)
+    return cfg
+
+
+# ---------------------------------------------------------------- routing
+
+def moe_route(logits, bias=None, *, top_k: int, n_groups: int = 1, n_limited_groups: int = 1,
+              score_func: str = "softmax", route_scale: float = 1.0, config=None):
+    """DeepSeek-V3 Gate on precomputed logits [T, E] fp32 -> (weights [T, top_k] fp32, ids [T, top_k] int32).
+
+    bias: None or [E] fp32, added for selection only. n_groups must divide E; group-limited selection keeps
+    n_limited_groups groups (scored by their top-2 sum with a bias, their max without). Ids are in descending
+    selection-score order; exact ties go to the lowest index (see templates/triton/moe_route.py).
+    """
+    _tensor("logits", logits, (torch.float32,), ndim=2)
+    t, e = logits.shape
+    if bias is not None:
+        _tensor("bias", bias, (torch.float32,), shape=(e,))
+    _devices(logits=logits, bias=bias)
+    _check_route(e, top_k, n_groups, n_limited_groups, score_func, bias is not None)
+    problem = {"T": t, "E": e, "top_k": top_k, "n_groups": n_groups, "n_limited_groups": n_limited_groups,
+               "sigmoid": score_func == "sigmoid", "has_bias": bias is not None}
+    cfg = _config(_route, config)
+    weights = torch.empty((t, top_k), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((t, top_k), dtype=torch.int32, device=logits.device)
+    if t == 0:
+        return weights, ids
+    _route.moe_route_kernel[(triton.cdiv(t, cfg["BLOCK_T"]),)](
+        logits, bias if bias is not None else logits, weights, ids, t, float(route_scale),
+        **_route.constexprs(problem, cfg), num_warps=cfg["num_warps"])
+    return weights, ids
+
+
+def _check_route(e, top_k, n_groups, n_limited, score_func, has_bias):
+    if score_func not in ("softmax", "sigmoid"):
+        _fail(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+    if not 1 <= top_k <= e:
+        _fail(f"top_k must be in [1, n_experts={e}], got {top_k}")
+    if n_groups < 1 or e % n_groups:
+        _fail(f"n_groups={n_groups} must divide n_experts={e}")
+    if not 1 <= n_limited <= n_groups:
+        _fail(f"n_limited_groups must be in [1, n_groups={n_groups}], got {n_limited}")
+    if n_limited * (e // n_groups) < top_k:
+        _fail(f"n_limited_groups * experts per group = {n_limited * (e // n_groups)} < top_k={top_k}")
+    if has_bias and n_groups > 1 and e // n_groups < 2:
+        _fail("group scores with a bias sum each group's top 2 experts: need >= 2 experts per group")
+
+
+# ---------------------------------------------------------------- permutation
+
+@dataclasses.dataclass(frozen=True)
+class MoeLayout:
+    """Where each (token, k) assignment lives in the grouped GEMM's row space.
+
+    kind: "contiguous" (rows [R], experts in order, each padded to `align`) or "masked" ([E, max_m] rows).
+    dest [T*top_k] int32: row of each assignment. sorted_ids [R] int32: assignment of each row, -1 on padding.
+    m_indices [R] int32: expert of each row, -1 on padding (DeepGEMM's contiguous layout).
+    block_expert [R/align] int32: expert of each align-row block, -1 when empty (contiguous only, else None).
+    counts [E] int32: assignments per expert (= masked_m). starts [E] int32: first row of each expert.
+    """
+    kind: str
+    n_experts: int
+    top_k: int
+    align: int
+    max_m: int
+    dest: torch.Tensor
+    sorted_ids: torch.Tensor
+    m_indices: torch.Tensor
+    block_expert: torch.Tensor | None
+    counts: torch.Tensor
+    starts: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.sorted_ids.shape[0]
+
+
+def moe_align(ids, n_experts: int, *, layout: str = "contiguous", align: int = 128, max_m: int | None = None,
+              config=None) -> MoeLayout:
+    """Sort the assignments ids [T, top_k] int32 by expert (stable in token order) into `layout`.
+
+    contiguous: a static row space of round_up(T*top_k + E*(align-1), align) rows (no host sync: graph-safe).
+    masked: E blocks of max_m rows (default T; needs max_m >= T since a token picks an expert at most once;
+    a smaller max_m drops the overflowing assignments: their dest is -1).
+    """
+    _tensor("ids", ids, (torch.int32,), ndim=2)
+    _devices(ids=ids)
+    if layout not in ("contiguous", "masked"):
+        _fail(f"layout must be 'contiguous' or 'masked', got {layout!r}")
+    if n_experts < 1:
+        _fail(f"n_experts must be >= 1, got {n_experts}")
+    if align < 1 or align & (align - 1):
+        _fail(f"align must be a power of two, got {align}")
+    t, k = ids.shape
+    masked = layout == "masked"
+    max_m = t if max_m is None else max_m
+    if masked and max_m < 1:
+        _fail(f"max_m must be >= 1, got {max_m}")
+    cfg = _config(_perm, config)
+    n = t * k
+    rows = n_experts * max_m if masked else _perm.row_space(n, n_experts, align)
+    dev = ids.device
+    i32 = dict(dtype=torch.int32, device=dev)
+    counts, starts = torch.empty(n_experts, **i32), torch.empty(n_experts, **i32)
+    dest, sorted_ids, m_idx = torch.empty(n, **i32), torch.empty(rows, **i32), torch.empty(rows, **i32)
+    block_expert = None if masked else torch.empty(rows // align, **i32)
+    be = triton.next_power_of_2(max(n_experts, 2))
+    common = dict(E=n_experts, BLOCK_E=be, ALIGN=align, MASKED=int(masked), num_warps=cfg["num_warps"])
+    _perm.moe_align_kernel[(1,)](ids, counts, starts, dest, sorted_ids, n, max_m, BLOCK_A=cfg["BLOCK_A"], **common)
+    _perm.moe_fill_rows_kernel[(triton.cdiv(rows, cfg["BLOCK_R"]),)](
+        counts, starts, sorted_ids, m_idx, block_expert if block_expert is not None else m_idx, rows, max_m,
+        BLOCK_R=cfg["BLOCK_R"], **common)
+    return MoeLayout(layout, n_experts, k, align, max_m, dest, sorted_ids, m_idx, block_expert, counts, starts)
+
+
+def moe_gather(x, layout: MoeLayout, weights, *, quant: bool, config=None):
+    """Rows of x [T, D] in layout order -> (a [R, D], sa [R, D/128] fp32 or None, row_weight [R] fp32).
+
+    quant=True: a is e4m3 with 1x128 scales (amax clamped to 1e-4, scale = amax / 448; D % 128 == 0);
+    else a has x's dtype. weights [T, top_k] fp32: row_weight[row] = weight of that row's assignment.
+    Padding rows of a / sa / row_weight are left unwritten (every consumer masks or ignores them).
+    """
+    _tensor("x", x, (torch.bfloat16, torch.float16, torch.float32), ndim=2)
+    t, d = x.shape
+    _tensor("weights", weights, (torch.float32,), shape=(t, layout.top_k))
+    if layout.dest.shape[0] != t * layout.top_k:
+        _fail(f"layout was built for {layout.dest.shape[0]} assignments, x has {t} tokens x top_k={layout.top_k}")
+    if quant and d % 128:
+        _fail(f"FP8 quantisation needs D % 128 == 0, got D={d}")
+    _devices(x=x, weights=weights, layout=layout.sorted_ids)
+    cfg = _config(_perm, config)
+    r = layout.rows
+    a = torch.empty((r, d), dtype=FP8 if quant else x.dtype, device=x.device)
+    sa = torch.empty((r, d // 128), dtype=torch.float32, device=x.device) if quant else None
+    rw = torch.empty(r, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(r, cfg["GATHER_ROWS"]), triton.cdiv(d, cfg["BLOCK_N"]))
+    _perm.moe_gather_kernel[grid](x, layout.sorted_ids, weights, a, sa if quant else rw, rw, r, d, layout.top_k,
+                                  QUANT=int(quant), ROWS=cfg["GATHER_ROWS"], BLOCK_N=cfg["BLOCK_N"],
+                                  num_warps=cfg["num_warps"])
+    return a, sa, rw
+
+
+def moe_combine(y, layout: MoeLayout, *, shared=None, out_dtype=None, config=None):
+    """out[t] = sum_j y[layout.dest[t*top_k + j]] (+ shared[t]) -> [T, N], summed in fp32 in j order (no atomics).
+
+    y: [R, N] (or [E, max_m, N] for the masked layout) with the routing weights already applied.
+    """
+    _tensor("y", y, (torch.bfloat16, torch.float16, torch.float32))
+    y2 = y.reshape(-1, y.shape[-1])
+    if y2.shape[0] != layout.rows:
+        _fail(f"y has {y2.shape[0]} rows, the layout has {layout.rows}")
+    t, n = layout.dest.shape[0] // layout.top_k, y2.shape[1]
+    if shared is not None:
+        _tensor("shared", shared, (torch.bfloat16, torch.float16, torch.float32), shape=(t, n))
+    _devices(y=y, shared=shared, layout=layout.dest)
+    cfg = _config(_perm, config)
+    out = torch.empty((t, n), dtype=out_dtype or y.dtype, device=y.device)
+    if t == 0:
+        return out
+    grid = (triton.cdiv(t, cfg["COMBINE_T"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    _perm.moe_combine_kernel[grid](y2, layout.dest, shared if shared is not None else y2, out, t, n,
+                                   TOP_K=layout.top_k, HAS_SHARED=int(shared is not None), BLOCK_T=cfg["COMBINE_T"],
+                                   BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
+    return out
+
+
+# ---------------------------------------------------------------- grouped GEMM
+
+def grouped_gemm(a, sa, b, sb, out, *, m_indices=None, block_expert=None, align=None, masked_m=None,
+                 epilogue: str = "none", out_scale=None, row_weight=None, b_up=None, sb_up=None, config=None):
+    """out[rows of expert e] = epilogue(A[rows] @ B[e]^T). FP8 1D2D when sa / sb are given, else bf16 / fp16.
+
+    a: [R, K] (contiguous) or [E, M_max, K] (masked); sa: [R, K/128] / [E, M_max, K/128] fp32 (fp8 only).
+    b: [E, N, K]; sb: [E, ceil(N/128), K/128] fp32. Exactly one expert map: m_indices [R] int32 (per row, -1 =
+    padding row, not written), block_expert [R/align] int32 (per align-row block; BLOCK_M must divide align) or
+    masked_m [E] int32 (rows per expert of the masked layout).
+    epilogue: "none"; "weight" (times row_weight [R] fp32); "swiglu" (b = [gate; up] stacked, N = 2 * N_out, or
+    gate in b and up in b_up / sb_up: out = silu(gate) * up); "swiglu_quant" (the same, out e4m3 with
+    out_scale [R, N_out/128] fp32; N_out % 128 == 0).
+    """
+    fp8, masked = _check_operands(a, sa, b, sb)
+    e, n, k = b.shape
+    rows = a.shape[0] * (a.shape[1] if masked else 1)
+    if epilogue not in _gg.EPILOGUES:
+        _fail(f"epilogue must be one of {sorted(_gg.EPILOGUES)}, got {epilogue!r}")
+    swiglu = epilogue.startswith("swiglu")
+    if swiglu and b_up is None:
+        if n % 2 or (fp8 and (n // 2) % 128):
+            _fail(f"a stacked [gate; up] weight needs an even N (a multiple of 256 for fp8), got N={n}")
+        n //= 2
+        b, b_up = b[:, :n], b[:, n:]
+        if fp8:
+            sb, sb_up = sb[:, :n // 128], sb[:, n // 128:]
+    elif swiglu:
+        _check_up(b, sb, b_up, sb_up, fp8)
+    _check_out(out, a, masked, rows, n, epilogue, fp8, out_scale, row_weight)
+    maps = [m for m in (m_indices, block_expert, masked_m) if m is not None]
+    if len(maps) != 1 or (masked != (masked_m is not None)):
+        _fail("give exactly one of m_indices / block_expert (2-D a) or masked_m (3-D a)")
+    problem = {"E": e, "M": rows, "N": n, "K": k, "dtype": "fp8" if fp8 else _DT[a.dtype],
+               "layout": "masked" if masked else "contiguous", "epilogue": epilogue}
+    cfg = _gemm_config(problem, config)
+    eid, per_id, m_max, n_mblocks = _expert_map(a, e, rows, m_indices, block_expert, align, masked_m, cfg)
+    _devices(a=a, sa=sa, b=b, sb=sb, out=out, out_scale=out_scale, row_weight=row_weight, eid=eid)
+    dummy = eid
+    _gg.grouped_gemm_kernel[(n_mblocks, triton.cdiv(n, cfg["BLOCK_N"]))](
+        a, sa if fp8 else dummy, b, b_up if swiglu else b, sb if fp8 else dummy,
+        sb_up if (fp8 and swiglu) else dummy, out, out_scale if out_scale is not None else dummy, eid,
+        masked_m if masked else eid, row_weight if row_weight is not None else dummy,
+        rows, n, k, m_max, b.stride(0), sb.stride(0) if fp8 else 0,
+        FP8=int(fp8), MASKED=int(masked), ROWS_PER_ID=per_id, EPILOGUE=_gg.EPILOGUES[epilogue],
+        ROW_WEIGHT=int(epilogue == "weight"), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+_DT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _check_operands(a, sa, b, sb):
+    """(fp8, masked) after checking a, sa, b, sb against each other."""
+    fp8 = sa is not None or sb is not None
+    dts = (FP8,) if fp8 else _HALF
+    _tensor("a", a, dts)
+    _tensor("b", b, dts, ndim=3)
+    if a.dim() not in (2, 3):
+        _fail(f"a must be [R, K] (contiguous layout) or [E, M_max, K] (masked layout), got {tuple(a.shape)}")
+    masked = a.dim() == 3
+    e, n, k = b.shape
+    if a.shape[-1] != k:
+        _fail(f"a has K={a.shape[-1]}, b has K={k}")
+    if not fp8 and a.dtype != b.dtype:
+        _fail(f"a ({a.dtype}) and b ({b.dtype}) must have the same dtype", TypeError)
+    if masked and a.shape[0] != e:
+        _fail(f"masked a has {a.shape[0]} experts, b has {e}")
+    if fp8:
+        if sa is None or sb is None:
+            _fail("fp8 operands need both sa and sb (give neither for bf16 / fp16)")
+        if k % 128:
+            _fail(f"fp8 grouped GEMM needs K % 128 == 0, got K={k}")
+        _tensor("sa", sa, (torch.float32,), shape=tuple(a.shape[:-1]) + (k // 128,))
+        _tensor("sb", sb, (torch.float32,), shape=(e, triton.cdiv(n, 128), k // 128))
+    return fp8, masked
+
+
+def _check_up(b, sb, b_up, sb_up, fp8):
+    _tensor("b_up", b_up, (b.dtype,))
+    if b_up.shape != b.shape or b_up.dtype != b.dtype or b_up.stride() != b.stride():
+        _fail(f"b_up must match b: shape {tuple(b.shape)}, dtype {b.dtype}, strides {b.stride()}")
+    if fp8 and (sb_up is None or sb_up.shape != sb.shape or sb_up.stride() != sb.stride()):
+        _fail(f"fp8 b_up needs sb_up shaped and strided like sb {tuple(sb.shape)}")
+
+
+def _check_out(out, a, masked, rows, n, epilogue, fp8, out_scale, row_weight):
+    quant = epilogue == "swiglu_quant"
+    _tensor("out", out, (FP8,) if quant else (torch.bfloat16, torch.float16, torch.float32),
+            shape=tuple(a.shape[:-1]) + (n,))
+    if quant:
+        if n % 128:
+            _fail(f"swiglu_quant needs N_out % 128 == 0, got {n}")
+        _tensor("out_scale", out_scale, (torch.float32,), shape=tuple(a.shape[:-1]) + (n // 128,))
+    elif out_scale is not None:
+        _fail("out_scale is only written by the swiglu_quant epilogue")
+    if epilogue == "weight":
+        _tensor("row_weight", row_weight, (torch.float32,))
+        if row_weight.numel() != rows:
+            _fail(f"row_weight must have one weight per row ({rows}), got {row_weight.numel()}")
+    elif row_weight is not None:
+        _fail("row_weight is only read by the 'weight' epilogue")
+
+
+def _gemm_config(problem, config):
+    from dskc.templates import registry
+    cfg = _config(_gg, config)
+    if not registry.satisfies(_gg, cfg, problem):
+        _fail(f"grouped_gemm config {cfg} breaks the stem's constraints {_gg.CONSTRAINTS} for {problem}")
+    return cfg
+
+
+def _expert_map(a, e, rows, m_indices, block_expert, align, masked_m, cfg):
+    """(expert-id tensor, ROWS_PER_ID, M_MAX, number of M-blocks) for the kernel."""
+    bm = cfg["BLOCK_M"]
+    if masked_m is not None:
+        _tensor("masked_m", masked_m, (torch.int32,), shape=(e,))
+        return masked_m, 1, a.shape[1], e * triton.cdiv(a.shape[1], bm)
+    if m_indices is not None:
+        _tensor("m_indices", m_indices, (torch.int32,), shape=(rows,))
+        return m_indices, 1, 0, triton.cdiv(rows, bm)
+    if align is None or align % bm or rows % align:
+        _fail(f"block_expert needs align (got {align}) a multiple of BLOCK_M={bm} dividing the rows ({rows})")
+    _tensor("block_expert", block_expert, (torch.int32,), shape=(rows // align,))
+    return block_expert, align, 0, rows // bm
+
+
+def grouped_gemm_contiguous(a, sa, b, sb, m_indices, out, *, config=None):
+    """DeepGEMM's m_grouped_*_gemm_nt_contiguous: out[r] = a[r] @ b[m_indices[r]]^T; rows with -1 untouched.
+
+    Each expert's rows must start on a multiple of 128 (DeepGEMM's alignment); sa / sb None means bf16 / fp16.
+    """
+    return grouped_gemm(a, sa, b, sb, out, m_indices=m_indices, config=config)
+
+
+def grouped_gemm_masked(a, sa, b, sb, masked_m, expected_m, out, *, config=None):
+    """DeepGEMM's m_grouped_*_gemm_nt_masked: out[e, :masked_m[e]] = a[e, :masked_m[e]] @ b[e]^T.
+
+    a [E, M_max, K], out [E, M_max, N]; rows past masked_m[e] are untouched. expected_m (DeepGEMM's hint of the
+    typical masked_m) is checked and accepted for compatibility; the config comes from `config` or the defaults.
+    """
+    if not isinstance(expected_m, int) or expected_m < 1:
+        _fail(f"expected_m must be a positive int, got {expected_m!r}")
+    return grouped_gemm(a, sa, b, sb, out, masked_m=masked_m, config=config)
+
+
+# ---------------------------------------------------------------- the MoE block
+
+_FUSED_KEYS = ("layout", "align", "route", "permute", "gemm1", "gemm2")
+
+
+def fused_moe(x, gate_weight, gate_bias, w13, w13_scale, w2, w2_scale, *, top_k, n_groups, n_limited_groups,
+              score_func, route_scale, shared=None, config=None):
+    """DeepSeek-V3 MoE block: sum_j w_j * w2_e(silu(w1_e x) * w3_e x) over the routed experts, + shared MLP.
+
+    x [T, D] (bf16 / fp16; fp32 too for fp8 weights). gate_weight [E, D], gate_bias None or [E] fp32; the gate
+    projection runs as one fp32 torch matmul, then `moe_route`. w13 [E, 2I, D] = stacked [w1; w3] per expert,
+    w2 [E, D, I]: e4m3 with w13_scale [E, 2I/128, D/128] and w2_scale [E, D/128, I/128] fp32 (1x128 activation
+    quantisation on the fly; D % 128 == 0 and I % 128 == 0), or x's dtype with both scales None.
+    shared: None or {"w1": [Is, D], "w3": [Is, D], "w2": [D, Is]} (+ "w1_scale", "w3_scale", "w2_scale" for fp8),
+    the dense MLP w2(silu(w1 x) * w3 x), added in the combine.
+    config: optional {"layout": "auto" | "contiguous" | "masked", "align": 128, "route": {...},
+    "permute": {...}, "gemm1": {...}, "gemm2": {...}} (per-stem configs). "auto" takes the masked layout when
+    E * T rows are no more than the contiguous layout's static row space (small T, decode), else contiguous.
+    Returns [T, D] in x's dtype. Deterministic: no atomics.
+    """
+    cfg = dict(config or {})
+    if set(cfg) - set(_FUSED_KEYS):
+        _fail(f"fused_moe config keys {sorted(set(cfg) - set(_FUSED_KEYS))} unknown; known: {_FUSED_KEYS}")
+    fp8 = _check_fused(x, gate_weight, gate_bias, w13, w13_scale, w2, w2_scale)
+    t, d = x.shape
+    e, i2, _ = w13.shape
+    _check_route(e, top_k, n_groups, n_limited_groups, score_func, gate_bias is not None)
+    if shared is not None:
+        _check_shared(shared, fp8, w13.dtype, d)
+    align = cfg.get("align", 128)
+    kind = cfg.get("layout", "auto")
+    if kind == "auto":
+        kind = "masked" if e * t <= _perm.row_space(t * top_k, e, align) else "contiguous"
+    logits = x.float() @ gate_weight.float().t()
+    weights, ids = moe_route(logits, gate_bias, top_k=top_k, n_groups=n_groups, n_limited_groups=n_limited_groups,
+                             score_func=score_func, route_scale=route_scale, config=cfg.get("route"))
+    layout = moe_align(ids, e, layout=kind, align=align, max_m=t, config=cfg.get("permute"))
+    a, sa, rw = moe_gather(x, layout, weights, quant=fp8, config=cfg.get("permute"))
+    if kind == "masked":
+        a, sa, rw = a.view(e, t, d), (sa.view(e, t, -1) if fp8 else None), rw
+        maps = {"masked_m": layout.counts}
+    else:
+        maps = {"block_expert": layout.block_expert, "align": align}
+    y = _mlp(a, sa, w13, w13_scale, None, None, w2, w2_scale, rw, maps, x.dtype, cfg)
+    shared_out = _shared_mlp(x, shared, fp8, cfg) if shared is not None else None
+    return moe_combine(y, layout, shared=shared_out, out_dtype=x.dtype, config=cfg.get("permute"))
+
+
+def _mlp(a, sa, w1, s1, w3, s3, w2, s2, rw, maps, out_dtype, cfg):
+    """w2(silu(w1 a) * w3 a) (* rw) through two grouped GEMMs; w3 None means w1 is the stacked [w1; w3]."""
+    fp8 = sa is not None
+    inter = w1.shape[1] // (2 if w3 is None else 1)
+    lead = tuple(a.shape[:-1])
+    h = torch.empty(lead + (inter,), dtype=FP8 if fp8 else a.dtype, device=a.device)
+    sh = torch.empty(lead + (inter // 128,), dtype=torch.float32, device=a.device) if fp8 else None
+    grouped_gemm(a, sa, w1, s1, h, epilogue="swiglu_quant" if fp8 else "swiglu", out_scale=sh, b_up=w3,
+                 sb_up=s3, config=cfg.get("gemm1"), **maps)
+    y = torch.empty(lead + (w2.shape[1],), dtype=out_dtype, device=a.device)
+    grouped_gemm(h, sh, w2, s2, y, epilogue="weight" if rw is not None else "none", row_weight=rw,
+                 config=cfg.get("gemm2"), **maps)
+    return y
+
+
+def _shared_mlp(x, shared, fp8, cfg):
+    """The shared experts as a one-expert grouped GEMM over the T tokens in order (every row maps to expert 0)."""
+    t, d = x.shape
+    i32 = dict(dtype=torch.int32, device=x.device)
+    ident = MoeLayout("contiguous", 1, 1, 1, t, torch.arange(t, **i32), torch.arange(t, **i32),
+                      torch.zeros(t, **i32), None, torch.full((1,), t, **i32), torch.zeros(1, **i32))
+    ones = torch.ones((t, 1), dtype=torch.float32, device=x.device)
+    a, sa, _ = moe_gather(x, ident, ones, quant=fp8, config=cfg.get("permute"))
+    sc = (lambda name: shared[name][None]) if fp8 else (lambda name: None)
+    return _mlp(a, sa, shared["w1"][None], sc("w1_scale"), shared["w3"][None], sc("w3_scale"), shared["w2"][None],
+                sc("w2_scale"), None, {"m_indices": ident.m_indices}, x.dtype, cfg)
+
+
+def _check_fused(x, gate_weight, gate_bias, w13, w13_scale, w2, w2_scale) -> bool:
+    """Shapes and dtypes of fused_moe's tensors; returns whether the weights are fp8."""
+    fp8 = w13.dtype == FP8 if isinstance(w13, torch.Tensor) else False
+    _tensor("x", x, (torch.bfloat16, torch.float16, torch.float32) if fp8 else _HALF, ndim=2)
+    t, d = x.shape
+    _tensor("w13", w13, (FP8,) if fp8 else (x.dtype,), ndim=3)
+    e, i2, dd = w13.shape
+    if dd != d or i2 % 2:
+        _fail(f"w13 must be [E, 2I, D={d}], got {tuple(w13.shape)}")
+    inter = i2 // 2
+    _tensor("gate_weight", gate_weight, (torch.bfloat16, torch.float16, torch.float32), shape=(e, d))
+    if gate_bias is not None:
+        _tensor("gate_bias", gate_bias, (torch.float32,), shape=(e,))
+    _tensor("w2", w2, (w13.dtype,), shape=(e, d, inter))
+    if fp8:
+        if d % 128 or inter % 128:
+            _fail(f"fp8 experts need D % 128 == 0 and I % 128 == 0, got D={d}, I={inter}")
+        _tensor("w13_scale", w13_scale, (torch.float32,), shape=(e, i2 // 128, d // 128))
+        _tensor("w2_scale", w2_scale, (torch.float32,), shape=(e, d // 128, inter // 128))
+    elif w13_scale is not None or w2_scale is not None:
+        _fail("w13_scale / w2_scale are only for e4m3 weights; these weights are " + str(w13.dtype))
+    _devices(x=x, gate_weight=gate_weight, gate_bias=gate_bias, w13=w13, w13_scale=w13_scale, w2=w2,
+             w2_scale=w2_scale)
+    return fp8
+
+
+def _check_shared(shared, fp8, wdtype, d):
+    if not isinstance(shared, dict) or not {"w1", "w2", "w3"} <= set(shared):
+        _fail("shared must be a dict with 'w1', 'w3' ([Is, D]) and 'w2' ([D, Is]) (+ '*_scale' for fp8)", TypeError)
+    inter = shared["w1"].shape[0] if isinstance(shared["w1"], torch.Tensor) else -1
+    for name, shape in (("w1", (inter, d)), ("w3", (inter, d)), ("w2", (d, inter))):
+        _tensor(f"shared[{name!r}]", shared[name], (wdtype,), shape=shape)
+        if fp8:
+            _tensor(f"shared[{name + '_scale'!r}]", shared.get(name + "_scale"), (torch.float32,),
+                    shape=(triton.cdiv(shape[0], 128), shape[1] // 128))
+    if fp8 and inter % 128:
+        _fail(f"fp8 shared experts need Is % 128 == 0, got {inter}")

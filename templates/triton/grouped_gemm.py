@@ -1,0 +1,192 @@
+"""Stem grouped_gemm: C[rows of expert e] = A[rows] @ B[e]^T for MoE experts, FP8 1D2D or bf16/fp16.
+
+Operands: A [R, K] (contiguous layout) or [E, M_MAX, K] (masked layout), B [E, N, K] (N-major, K contiguous).
+FP8 (FP8 = 1): A, B e4m3; sa [R, K/128] fp32 (1x128 per-row scales), sb [E, ceil(N/128), K/128] fp32 (128x128
+blocks). Each BLOCK_K (<= 128, dividing 128) slice of K goes to the tensor cores into a fresh fp32 partial that is
+scaled and added to the fp32 accumulator (promotion every 128 of K, REFERENCE.md section 2). FP8 = 0: bf16/fp16 A and
+B, plain fp32 accumulation. K % BLOCK_K == 0 (no K masks); rows start 16-byte aligned (K % 16 == 0).
+
+Which expert a program multiplies:
+  contiguous, ROWS_PER_ID = 1: DeepGEMM's m_indices, one expert id per row, -1 on padding rows; the program's
+    expert is the max id of its BLOCK_M rows and only rows carrying that id are stored. Contract (DeepGEMM's):
+    each expert's segment starts on a multiple of BLOCK_M (DeepGEMM aligns to 128; BLOCK_M divides 128);
+  contiguous, ROWS_PER_ID = ALIGN > 1: one id per ALIGN-row block (dskc's moe_permute `block_expert`), BLOCK_M
+    divides ALIGN; every row of a block is stored (padding rows hold garbage nobody reads);
+  masked (MASKED = 1): program -> (expert, M-block); M-blocks at or past masked_m[e] return at once.
+Programs whose expert is -1 return at once, so the static worst-case row space costs a launch, not work.
+
+Epilogues (EPILOGUE): 0 = none; 1 = SwiGLU: B holds the gate rows, Bu the up rows (for a stacked [w1; w3] weight
+  Bu is B offset by N_OUT rows), C = silu(A B^T) * (A Bu^T), N_OUT columns; 2 = SwiGLU quantised to e4m3 with one
+  fp32 scale per 128 columns (BLOCK_N == 128), written to C and sc [R, N_OUT/128], the next GEMM's A operand.
+ROW_WEIGHT = 1 multiplies each row by rw[row] (the routing weight) before the store.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from dskc.build.triton_xc import CompileSpec
+
+STEM = "grouped_gemm"
+
+SMEM_LIMIT = 232448  # bytes per block on sm_90 (REFERENCE.md section 4)
+
+SPACE = {
+    "BLOCK_M": (16, 32, 64, 128),
+    "BLOCK_N": (64, 128, 256),
+    "BLOCK_K": (64, 128),
+    "num_warps": (4, 8),
+    "num_stages": (2, 3, 4, 5),
+}
+
+# Problem fields: E, M (rows of the layout), N (output columns), K, dtype ("fp8" | "bf16" | "fp16"),
+# layout ("contiguous" | "masked"), epilogue ("none" | "swiglu" | "swiglu_quant" | "weight").
+CONSTRAINTS = (
+    "K % BLOCK_K == 0",                                  # no K masks in the inner loop
+    "dtype != 'fp8' or (K % 128 == 0 and 128 % BLOCK_K == 0 and 128 % BLOCK_N == 0)",
+    "epilogue != 'swiglu_quant' or BLOCK_N == 128",
+    "128 % BLOCK_M == 0",                                # segments are aligned to 128 rows (DeepGEMM contract)
+    "num_stages * (BLOCK_M + BLOCK_N * (2 if epilogue.startswith('swiglu') else 1)) * BLOCK_K"
+    f" * (1 if dtype == 'fp8' else 2) <= {SMEM_LIMIT}",
+    "BLOCK_M * BLOCK_N * (2 if epilogue.startswith('swiglu') else 1) // (32 * num_warps) <= 128",
+)
+
+# One default serves every dtype and epilogue: BLOCK_K = 64 keeps bf16 SwiGLU (A + two B tiles per stage) at
+# 4 x 40 KiB of shared memory; fp8 then promotes every 64 of K (two partials per scale block, no accuracy loss).
+# kernel_report, E=8 M=4096 (N, K) = (2048, 7168) / (7168, 2048), registers / spill bytes (stores):
+#   64x128x64 w8 s4:  fp8 swiglu_quant 254 / 0 (sm_90a), 218 / 0 (sm_100a); fp8 weight 133 / 0; bf16 swiglu 167 / 0
+#   64x128x128 w4 s3: fp8 swiglu_quant 255 / 148, sm_100a 255 / 436; bf16 swiglu 255 / 72
+#   128x128x64 w8 s4: fp8 swiglu_quant 255 / 144, sm_100a 255 / 504; fp8 weight 255 / 8
+# so 8 warps over a 64-row tile (two warpgroups, each half of N) it is. QGMMA / HGMMA on sm_90a, UTCQMMA /
+# UTCHMMA on sm_100a (tests/kernels/test_reports_moe.py).
+DEFAULTS = {
+    "sm80": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    "sm90": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+    "sm100": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
+}
+
+EPILOGUES = {"none": 0, "swiglu": 1, "swiglu_quant": 2, "weight": 0}
+
+
+def problem_names() -> tuple[str, ...]:
+    return ("E", "M", "N", "K", "dtype", "layout", "epilogue")
+
+
+def cost(problem: dict) -> tuple[float, float]:
+    """(flops, bytes) for M rows: N output columns (SwiGLU reads 2N weight rows); weights read once per expert."""
+    e, m, n, k = problem["E"], problem["M"], problem["N"], problem["K"]
+    wide = 2 if problem["epilogue"].startswith("swiglu") else 1
+    elt = 1 if problem["dtype"] == "fp8" else 2
+    scales = 4 * (m * k // 128 + e * triton.cdiv(wide * n, 128) * k // 128) if elt == 1 else 0
+    out = n * (1 if problem["epilogue"] == "swiglu_quant" else 2)
+    return 2.0 * m * wide * n * k, float(elt * (m * k + e * wide * n * k) + scales + m * out)
+
+
+def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
+    fp8 = problem["dtype"] == "fp8"
+    op = "*fp8e4nv" if fp8 else ("*bf16" if problem["dtype"] == "bf16" else "*fp16")
+    epi = problem["epilogue"]
+    out = "*fp8e4nv" if epi == "swiglu_quant" else ("*fp16" if problem["dtype"] == "fp16" else "*bf16")
+    masked = problem["layout"] == "masked"
+    sig = {"a_ptr": op, "sa_ptr": "*fp32", "b_ptr": op, "bu_ptr": op, "sb_ptr": "*fp32", "sbu_ptr": "*fp32",
+           "c_ptr": out, "sc_ptr": "*fp32", "eid_ptr": "*i32", "mcount_ptr": "*i32", "rw_ptr": "*fp32",
+           "M": "i32", "N_OUT": "i32", "K": "i32", "M_MAX": "i32", "stride_be": "i32", "stride_sbe": "i32"}
+    cx = {"FP8": int(fp8), "MASKED": int(masked), "ROWS_PER_ID": 1, "EPILOGUE": EPILOGUES[epi],
+          "ROW_WEIGHT": int(epi == "weight"), "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
+          "BLOCK_K": config["BLOCK_K"]}
+    sig.update({k: "constexpr" for k in cx})
+    return [CompileSpec.make(__name__, "grouped_gemm_kernel", sig, cx, num_warps=config["num_warps"],
+                             num_stages=config["num_stages"])]
+
+
+@triton.jit
+def _expert_rows(pid_m, eid_ptr, mcount_ptr, M, M_MAX, MASKED: tl.constexpr, ROWS_PER_ID: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """(expert or -1, first row of M-block `pid_m`, rows of the block to store [BLOCK_M])."""
+    offs = tl.arange(0, BLOCK_M)
+    if MASKED:
+        blocks_per_e = tl.cdiv(M_MAX, BLOCK_M)
+        e = pid_m // blocks_per_e
+        local0 = (pid_m % blocks_per_e) * BLOCK_M
+        count = tl.minimum(tl.load(mcount_ptr + e), M_MAX)
+        row0 = e * M_MAX + local0
+        keep = local0 + offs < count
+        e = tl.where(local0 < count, e, -1)
+    else:
+        row0 = pid_m * BLOCK_M
+        if ROWS_PER_ID == 1:
+            ids = tl.load(eid_ptr + row0 + offs, mask=row0 + offs < M, other=-1)
+            e = tl.max(ids, 0)
+            keep = ids == e
+        else:
+            e = tl.load(eid_ptr + row0 // ROWS_PER_ID)
+            keep = row0 + offs < M
+    return e, row0, keep
+
+
+@triton.jit
+def _scaled_dot(acc, a, b_ptrs, s_ab, FP8: tl.constexpr):
+    b = tl.load(b_ptrs)
+    if FP8:
+        acc += tl.dot(a, b) * s_ab
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def grouped_gemm_kernel(a_ptr, sa_ptr, b_ptr, bu_ptr, sb_ptr, sbu_ptr, c_ptr, sc_ptr, eid_ptr, mcount_ptr, rw_ptr,
+                        M, N_OUT, K, M_MAX, stride_be, stride_sbe,
+                        FP8: tl.constexpr, MASKED: tl.constexpr, ROWS_PER_ID: tl.constexpr,
+                        EPILOGUE: tl.constexpr, ROW_WEIGHT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    e, row0, keep = _expert_rows(tl.program_id(0), eid_ptr, mcount_ptr, M, M_MAX, MASKED, ROWS_PER_ID, BLOCK_M)
+    if e < 0:
+        return
+    pid_n = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows not stored read row0 and columns past N_OUT wrap: no masks in the K loop, and scalar int64 bases keep
+    # the [E, M_MAX, K] / [E, N, K] offsets (up to 7.5e9 elements) out of the per-element int32 offsets.
+    local_a = tl.where(keep, offs_m, 0)
+    cols_b = cols % N_OUT
+    row0_64 = row0.to(tl.int64)
+    a_ptrs = tl.multiple_of(a_ptr + row0_64 * K + local_a[:, None] * K + offs_k[None, :], [16, 16])
+    b_base = e.to(tl.int64) * stride_be
+    b_off = cols_b[None, :] * K + offs_k[:, None]
+    b_ptrs = tl.multiple_of(b_ptr + b_base + b_off, [16, 16])
+    bu_ptrs = tl.multiple_of(bu_ptr + b_base + b_off, [16, 16])
+    kb = K // 128
+    sa_ptrs = sa_ptr + row0_64 * kb + local_a * kb
+    sb_ptrs = sb_ptr + e * stride_sbe + (pid_n * BLOCK_N // 128) * kb
+    sbu_ptrs = sbu_ptr + e * stride_sbe + (pid_n * BLOCK_N // 128) * kb
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs)
+        s_g = 1.0
+        s_u = 1.0
+        if FP8:  # BLOCK_N divides 128: one weight scale per K step; one activation scale per row
+            s_a = tl.load(sa_ptrs + k // 128)
+            s_g = s_a[:, None] * tl.load(sb_ptrs + k // 128)
+            if EPILOGUE > 0:
+                s_u = s_a[:, None] * tl.load(sbu_ptrs + k // 128)
+        acc = _scaled_dot(acc, a, b_ptrs, s_g, FP8)
+        if EPILOGUE > 0:
+            acc_u = _scaled_dot(acc_u, a, bu_ptrs, s_u, FP8)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+        bu_ptrs += BLOCK_K
+    if EPILOGUE > 0:
+        acc = acc * tl.sigmoid(acc) * acc_u
+    if ROW_WEIGHT:
+        acc = acc * tl.load(rw_ptr + row0_64 + offs_m, mask=keep, other=0.0)[:, None]
+    c_ptrs = c_ptr + row0_64 * N_OUT + offs_m[:, None] * N_OUT + cols[None, :]
+    smask = keep[:, None] & (cols < N_OUT)[None, :]
+    if EPILOGUE == 2:
+        scale = tl.maximum(tl.max(tl.abs(acc), 1), 1e-4) / 448.0
+        tl.store(c_ptrs, (acc / scale[:, None]).to(c_ptr.dtype.element_ty), mask=smask)
+        tl.store(sc_ptr + (row0_64 + offs_m) * (N_OUT // 128) + pid_n, scale, mask=keep)
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=smask)

@@ -1,0 +1,203 @@
+"""Stem moe_permute: token permutation to and from the expert-grouped layouts of the grouped GEMM.
+
+Kernels (all deterministic; no atomics anywhere):
+  moe_align_kernel      one program. ids [A] (A = T * top_k assignments, expert per assignment) -> counts [E],
+                        the padded start row of each expert, and for each assignment its destination row `dest`;
+                        scatters sorted_ids[dest] = assignment. Inside an expert, assignments keep token order
+                        (a stable sort). Layouts:
+                          contiguous (MASKED = 0): expert e owns rows [start_e, start_e + round_up(count_e, ALIGN));
+                            start_e = sum of the earlier experts' padded counts; the row space has a static size
+                            round_up(A + E * (ALIGN - 1), ALIGN) so that no host sync is needed (CUDA graphs);
+                          masked (MASKED = 1): row e * M_MAX + rank, counts = masked_m ([E, M_MAX, K] layout).
+  moe_fill_rows_kernel  one program per BLOCK_R rows: m_indices[row] = expert or -1 (padding; DeepGEMM's contiguous
+                        layout), block_expert[row / ALIGN] = expert or -1 (empty block), sorted_ids[row] = -1 on
+                        padding rows.
+  moe_gather_kernel     a[row] = x[sorted_ids[row] // top_k] (QUANT = 1: quantised on the fly to e4m3 with one
+                        fp32 scale per 128 channels, amax clamped to 1e-4, scale = amax / 448), and
+                        row_weight[row] = routing weight of that assignment. Padding rows are not written.
+  moe_combine_kernel    out[t] = sum_j y[dest[t * top_k + j]] (+ shared[t]), summed in fp32 in a fixed j order.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from dskc.build.triton_xc import CompileSpec
+
+STEM = "moe_permute"
+
+SPACE = {
+    "BLOCK_A": (64, 128, 256),       # assignments per step of the align kernel
+    "BLOCK_R": (64, 128, 256),       # rows per program of the fill kernel
+    "GATHER_ROWS": (1, 2, 4, 8),     # rows per program of the gather kernel
+    "BLOCK_N": (128, 256, 512),      # channels per program of the gather / combine kernels
+    "COMBINE_T": (1, 2, 4, 8),       # tokens per program of the combine kernel
+    "num_warps": (1, 2, 4, 8),
+}
+
+CONSTRAINTS = (
+    "BLOCK_A * max(E, 16) <= 65536",         # the one-hot [BLOCK_A, E] tile of the align kernel
+    "BLOCK_N % 128 == 0",                    # the quantising gather works on whole 128-channel groups
+)
+
+DEFAULTS = {
+    "sm80": {"BLOCK_A": 128, "BLOCK_R": 128, "GATHER_ROWS": 2, "BLOCK_N": 256, "COMBINE_T": 2, "num_warps": 4},
+    "sm90": {"BLOCK_A": 128, "BLOCK_R": 128, "GATHER_ROWS": 2, "BLOCK_N": 256, "COMBINE_T": 2, "num_warps": 4},
+    "sm100": {"BLOCK_A": 128, "BLOCK_R": 128, "GATHER_ROWS": 2, "BLOCK_N": 256, "COMBINE_T": 2, "num_warps": 4},
+}
+
+
+def problem_names() -> tuple[str, ...]:
+    return ("T", "E", "top_k", "D", "align", "masked")
+
+
+def cost(problem: dict) -> tuple[float, float]:
+    """(flops, bytes): the gather reads x top_k times and writes e4m3 rows; the combine reads bf16 rows."""
+    a, d = problem["T"] * problem["top_k"], problem["D"]
+    return float(2 * a * d), float(a * (2 * d + d + 4 * d // 128) + a * 2 * d + problem["T"] * 2 * d)
+
+
+def row_space(n_assign: int, E: int, align: int) -> int:
+    """Rows of the contiguous layout: enough for any routing of n_assign assignments over E experts."""
+    return triton.cdiv(n_assign + E * (align - 1), align) * align
+
+
+def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
+    e, masked = problem["E"], int(bool(problem["masked"]))
+    be = triton.next_power_of_2(max(e, 2))
+    w = config["num_warps"]
+    align = CompileSpec.make(
+        __name__, "moe_align_kernel",
+        {"ids_ptr": "*i32", "counts_ptr": "*i32", "starts_ptr": "*i32", "dest_ptr": "*i32", "sorted_ptr": "*i32",
+         "A": "i32", "M_MAX": "i32", "E": "constexpr", "BLOCK_E": "constexpr", "ALIGN": "constexpr",
+         "MASKED": "constexpr", "BLOCK_A": "constexpr"},
+        {"E": e, "BLOCK_E": be, "ALIGN": problem["align"], "MASKED": masked, "BLOCK_A": config["BLOCK_A"]},
+        num_warps=w, num_stages=1)
+    fill = CompileSpec.make(
+        __name__, "moe_fill_rows_kernel",
+        {"counts_ptr": "*i32", "starts_ptr": "*i32", "sorted_ptr": "*i32", "m_idx_ptr": "*i32",
+         "block_expert_ptr": "*i32", "R": "i32", "M_MAX": "i32", "E": "constexpr", "BLOCK_E": "constexpr",
+         "ALIGN": "constexpr", "MASKED": "constexpr", "BLOCK_R": "constexpr"},
+        {"E": e, "BLOCK_E": be, "ALIGN": problem["align"], "MASKED": masked, "BLOCK_R": config["BLOCK_R"]},
+        num_warps=w, num_stages=1)
+    gather = CompileSpec.make(
+        __name__, "moe_gather_kernel",
+        {"x_ptr": "*bf16", "sorted_ptr": "*i32", "w_ptr": "*fp32", "a_ptr": "*fp8e4nv", "sa_ptr": "*fp32",
+         "rw_ptr": "*fp32", "R": "i32", "D": "i32", "TOP_K": "i32", "QUANT": "constexpr", "ROWS": "constexpr",
+         "BLOCK_N": "constexpr"},
+        {"QUANT": 1, "ROWS": config["GATHER_ROWS"], "BLOCK_N": config["BLOCK_N"]}, num_warps=w, num_stages=1)
+    combine = CompileSpec.make(
+        __name__, "moe_combine_kernel",
+        {"y_ptr": "*bf16", "dest_ptr": "*i32", "shared_ptr": "*bf16", "out_ptr": "*bf16", "T": "i32", "N": "i32",
+         "TOP_K": "constexpr", "HAS_SHARED": "constexpr", "BLOCK_T": "constexpr", "BLOCK_N": "constexpr"},
+        {"TOP_K": problem["top_k"], "HAS_SHARED": 1, "BLOCK_T": config["COMBINE_T"], "BLOCK_N": config["BLOCK_N"]},
+        num_warps=w, num_stages=1)
+    return [align, fill, gather, combine]
+
+
+@triton.jit
+def moe_align_kernel(ids_ptr, counts_ptr, starts_ptr, dest_ptr, sorted_ptr, A, M_MAX,
+                     E: tl.constexpr, BLOCK_E: tl.constexpr, ALIGN: tl.constexpr, MASKED: tl.constexpr,
+                     BLOCK_A: tl.constexpr):
+    ecols = tl.arange(0, BLOCK_E)
+    offs = tl.arange(0, BLOCK_A)
+    counts = tl.zeros([BLOCK_E], tl.int32)
+    for a0 in range(0, A, BLOCK_A):  # pass 1: tokens per expert
+        ids = tl.load(ids_ptr + a0 + offs, mask=a0 + offs < A, other=-1)
+        counts += tl.sum((ids[:, None] == ecols[None, :]).to(tl.int32), 0)
+    if MASKED:
+        starts = ecols * M_MAX
+    else:
+        padded = (counts + ALIGN - 1) // ALIGN * ALIGN
+        starts = tl.cumsum(padded, 0) - padded
+    tl.store(counts_ptr + ecols, counts, mask=ecols < E)
+    tl.store(starts_ptr + ecols, starts, mask=ecols < E)
+    seen = tl.zeros([BLOCK_E], tl.int32)
+    for a0 in range(0, A, BLOCK_A):  # pass 2: rank inside the expert, in assignment order
+        amask = a0 + offs < A
+        ids = tl.load(ids_ptr + a0 + offs, mask=amask, other=-1)
+        hot = (ids[:, None] == ecols[None, :]).to(tl.int32)
+        before = tl.cumsum(hot, 0) - hot                       # same-expert assignments earlier in this step
+        rank = tl.sum(hot * (before + seen[None, :]), 1)
+        dest = tl.sum(hot * starts[None, :], 1) + rank
+        ok = amask
+        if MASKED:
+            ok = ok & (rank < M_MAX)
+        tl.store(dest_ptr + a0 + offs, tl.where(ok, dest, -1), mask=amask)
+        tl.store(sorted_ptr + dest, a0 + offs, mask=ok)
+        seen += tl.sum(hot, 0)
+
+
+@triton.jit
+def moe_fill_rows_kernel(counts_ptr, starts_ptr, sorted_ptr, m_idx_ptr, block_expert_ptr, R, M_MAX,
+                         E: tl.constexpr, BLOCK_E: tl.constexpr, ALIGN: tl.constexpr, MASKED: tl.constexpr,
+                         BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    ecols = tl.arange(0, BLOCK_E)
+    emask = ecols < E
+    counts = tl.load(counts_ptr + ecols, mask=emask, other=0)
+    starts = tl.load(starts_ptr + ecols, mask=emask, other=0)
+    if MASKED:
+        span = tl.zeros([BLOCK_E], tl.int32) + M_MAX
+    else:
+        span = (counts + ALIGN - 1) // ALIGN * ALIGN
+    rel = rows[:, None] - starts[None, :]
+    inside = (rel >= 0) & (rel < span[None, :]) & emask[None, :]
+    expert = tl.max(tl.where(inside, ecols[None, :], -1), 1)
+    valid = tl.max((inside & (rel < counts[None, :])).to(tl.int32), 1) > 0
+    tl.store(m_idx_ptr + rows, tl.where(valid, expert, -1), mask=rmask)
+    tl.store(sorted_ptr + rows, tl.full([BLOCK_R], -1, tl.int32), mask=rmask & ~valid)
+    if not MASKED:
+        first = (rows % ALIGN) == 0
+        tl.store(block_expert_ptr + rows // ALIGN, tl.where(valid, expert, -1), mask=rmask & first)
+
+
+@triton.jit
+def moe_gather_kernel(x_ptr, sorted_ptr, w_ptr, a_ptr, sa_ptr, rw_ptr, R, D, TOP_K,
+                      QUANT: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    pid_n = tl.program_id(1)
+    src = tl.load(sorted_ptr + rows, mask=rows < R, other=-1)
+    if tl.max(src, 0) < 0:  # only padding rows: the static row space is mostly padding for small batches
+        return
+    ok = src >= 0
+    tok = tl.where(ok, src // TOP_K, 0)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < D
+    v = tl.load(x_ptr + tok[:, None].to(tl.int64) * D + cols[None, :], mask=ok[:, None] & cmask[None, :],
+                other=0.0)
+    dst = a_ptr + rows[:, None].to(tl.int64) * D + cols[None, :]
+    if QUANT:
+        G: tl.constexpr = BLOCK_N // 128
+        vg = tl.reshape(v.to(tl.float32), [ROWS, G, 128])
+        amax = tl.maximum(tl.max(tl.abs(vg), 2), 1e-4)
+        scale = amax / 448.0
+        q = tl.reshape(vg / scale[:, :, None], [ROWS, BLOCK_N])
+        tl.store(dst, q.to(a_ptr.dtype.element_ty), mask=ok[:, None] & cmask[None, :])
+        groups = pid_n * G + tl.arange(0, G)
+        n_groups = D // 128
+        tl.store(sa_ptr + rows[:, None] * n_groups + groups[None, :], scale,
+                 mask=ok[:, None] & (groups < n_groups)[None, :])
+    else:
+        tl.store(dst, v.to(a_ptr.dtype.element_ty), mask=ok[:, None] & cmask[None, :])
+    if pid_n == 0:
+        tl.store(rw_ptr + rows, tl.load(w_ptr + tl.where(ok, src, 0), mask=ok, other=0.0), mask=ok)
+
+
+@triton.jit
+def moe_combine_kernel(y_ptr, dest_ptr, shared_ptr, out_ptr, T, N,
+                       TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tmask = toks < T
+    mask = tmask[:, None] & (cols < N)[None, :]
+    acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+    for j in tl.static_range(TOP_K):
+        row = tl.load(dest_ptr + toks * TOP_K + j, mask=tmask, other=-1)
+        acc += tl.load(y_ptr + row[:, None].to(tl.int64) * N + cols[None, :], mask=mask & (row >= 0)[:, None],
+                       other=0.0).to(tl.float32)
+    if HAS_SHARED:
+        acc += tl.load(shared_ptr + toks[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + toks[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
