@@ -81,10 +81,11 @@ def _rows(name: str, x: torch.Tensor) -> torch.Tensor:
                          f"make it contiguous") from exc
 
 
-def _empty_quant(x2: torch.Tensor, lead: tuple, k: int):
+def _empty_quant(x2: torch.Tensor, k: int):
+    """(q [rows, k] e4m3, s [rows, ceil(k/128)] fp32) for the rows of x2."""
     q = torch.empty(x2.shape[0], k, dtype=FP8, device=x2.device)
     s = torch.empty(x2.shape[0], -(-k // BLOCK), dtype=torch.float32, device=x2.device)
-    return q, s, lead
+    return q, s
 
 
 def act_quant(x: torch.Tensor, block: int = BLOCK, ue8m0: bool = False, config: dict | None = None):
@@ -99,7 +100,7 @@ def act_quant(x: torch.Tensor, block: int = BLOCK, ue8m0: bool = False, config: 
     device = _same_device(x=x)
     cfg = _config("act_quant", device, config)
     x2 = _rows("x", x)
-    q, s, _ = _empty_quant(x2, x.shape[:-1], x.shape[-1])
+    q, s = _empty_quant(x2, x.shape[-1])
     if x2.numel():
         from dskc.templates.triton import act_quant as tpl
         tpl.launch_act_quant(x2, q, s, ue8m0, cfg)
@@ -130,7 +131,7 @@ def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, 
     cfg = _config("act_quant", device, config)
     x2 = _rows("x", x)
     r2 = _rows("residual", residual) if residual is not None else None
-    q, s, _ = _empty_quant(x2, x.shape[:-1], x.shape[-1])
+    q, s = _empty_quant(x2, x.shape[-1])
     h = torch.empty_like(x2) if residual is not None else None
     if x2.numel():
         from dskc.templates.triton import act_quant as tpl
@@ -151,7 +152,7 @@ def silu_mul_act_quant(gate_up: torch.Tensor, ue8m0: bool = False, config: dict 
     cfg = _config("act_quant", device, config)
     g2 = _rows("gate_up", gate_up)
     inter = gate_up.shape[-1] // 2
-    q, s, _ = _empty_quant(g2, gate_up.shape[:-1], inter)
+    q, s = _empty_quant(g2, inter)
     if g2.numel():
         from dskc.templates.triton import act_quant as tpl
         tpl.launch_silu_mul_quant(g2, q, s, ue8m0, cfg)
@@ -191,8 +192,11 @@ def fp8_gemm(a, sa, b, sb, out=None, out_dtype: torch.dtype = torch.bfloat16, co
     K with 16-byte aligned rows; scales in any strides (row- or column-major). out (optional) [M, N] of out_dtype
     (bf16, fp16 or fp32), contiguous in N. Returns out.
     """
-    _check_fp8_operands(a, sa, b, sb)
+    for name, t in (("a", a), ("sa", sa), ("b", b), ("sb", sb)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     device = _same_device(a=a, sa=sa, b=b, sb=sb, out=out)
+    _check_fp8_operands(a, sa, b, sb)
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {[str(d) for d in _OUT_DTYPES]}, got {out_dtype}")
     M, N = a.shape[0], b.shape[0]
@@ -214,13 +218,13 @@ def bf16_gemm(a, b, out=None, config: dict | None = None):
     """
     _check_tensor("a", a, (torch.bfloat16, torch.float16), ndim=2)
     _check_tensor("b", b, (a.dtype,), ndim=2)
+    device = _same_device(a=a, b=b, out=out)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"a is [M, K] = {tuple(a.shape)} but b is [N, K] = {tuple(b.shape)}: K differs")
     if a.shape[1] % 8:
         raise ValueError(f"K = {a.shape[1]} must be a multiple of 8 (16-byte aligned rows)")
     _check_aligned("a", a)
     _check_aligned("b", b)
-    device = _same_device(a=a, b=b, out=out)
     M, N = a.shape[0], b.shape[0]
     if out is None:
         out = torch.empty(M, N, dtype=a.dtype, device=device)

@@ -93,12 +93,26 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
 
 
 @triton.jit
+def _round_to(h, dtype: tl.constexpr):
+    """fp32 h rounded (to nearest even) to `dtype` and widened back to fp32.
+
+    bf16 is rounded with integer ops before the cast: the GPU's cast rounds to nearest, the interpreter's truncates,
+    and this way both give the same bits (the final cast is then exact). NaN/inf are not expected here.
+    """
+    if dtype == tl.bfloat16:
+        bits = h.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        h = bits.to(tl.float32, bitcast=True)
+    return h.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _residual_sum(x_ptr, r_ptr, rows, cols, mask, stride_xm, stride_rm, HAS_RES: tl.constexpr):
     """x (+ residual, rounded to the residual's dtype) of one tile, in fp32."""
     h = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(r_ptr + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        h = (h + r).to(r_ptr.dtype.element_ty).to(tl.float32)
+        h = _round_to(h + r, r_ptr.dtype.element_ty)
     return h
 
 
@@ -122,7 +136,7 @@ def rmsnorm_quant_kernel(x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, rout_ptr, M, K, eps,
         mask = (rows[:, None] < M) & (cols[None, :] < K)
         h = _residual_sum(x_ptr, r_ptr, rows, cols, mask, stride_xm, stride_rm, HAS_RES)
         w = tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        y = (h * rstd[:, None] * w[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
+        y = _round_to(h * rstd[:, None] * w[None, :], x_ptr.dtype.element_ty)
         q, s = _quantize(y, UE8M0)
         tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
         tl.store(s_ptr + rows * stride_sm + kb, s, mask=rows < M)
