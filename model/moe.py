@@ -35,8 +35,11 @@ class Gate(nn.Module):
        exists, else by its max; only the n_limited_groups best groups stay eligible (others set to -inf).
     4. indices = top-k of the selection scores; weights = the UNBIASED scores at those indices, normalised to
        sum 1 under sigmoid, then times route_scale.
-    Ties: selection is torch.topk, whose order among exactly equal values PyTorch does not specify (on CPU and
-    CUDA it returns the lower index first in practice); with continuous scores ties have probability ~0.
+    Ties: groups and experts are picked with torch.topk (as the reference), which does not specify which of
+    exactly equal values wins: on the CPU, topk([1, 2, 1, 2, 1, 2], 3) returned indices [3, 5, 1], neither the
+    lowest nor the highest first. Ties need exactly equal float32 scores (measure zero for real inputs, but
+    easy to build by hand: all-zero logits); callers that compare routings must avoid them or compare sets of
+    equal-scored experts.
     """
 
     def __init__(self, args: ModelArgs, *, dtype: torch.dtype, device=None):
