@@ -203,7 +203,7 @@ def moe_gather(x, layout: MoeLayout, weights, *, quant: bool, config=None):
     grid = (triton.cdiv(r, cfg["GATHER_ROWS"]), triton.cdiv(d, cfg["BLOCK_N"]))
     _perm.moe_gather_kernel[grid](x, layout.sorted_ids, weights, a, sa if quant else rw, rw, r, d, layout.top_k,
                                   QUANT=int(quant), ROWS=cfg["GATHER_ROWS"], BLOCK_N=cfg["BLOCK_N"],
-                                  num_warps=cfg["num_warps"])
+                                  INTERP_FIX=int(knobs.get().triton_interpret), num_warps=cfg["num_warps"])
     return a, sa, rw
 
 
@@ -277,7 +277,8 @@ def grouped_gemm(a, sa, b, sb, out, *, m_indices=None, block_expert=None, align=
         rows, n, k, m_max, b.stride(0), sb.stride(0) if fp8 else 0,
         FP8=int(fp8), MASKED=int(masked), ROWS_PER_ID=per_id, EPILOGUE=_gg.EPILOGUES[epilogue],
         ROW_WEIGHT=int(epilogue == "weight"), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_K=cfg["BLOCK_K"], INTERP_FIX=int(knobs.get().triton_interpret), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return out
 
 

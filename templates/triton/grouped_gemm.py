@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from dskc.build.triton_xc import CompileSpec
+from dskc.templates.triton._moe_common import to_e4m3
 
 STEM = "grouped_gemm"
 
@@ -93,7 +94,7 @@ def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
            "M": "i32", "N_OUT": "i32", "K": "i32", "M_MAX": "i32", "stride_be": "i32", "stride_sbe": "i32"}
     cx = {"FP8": int(fp8), "MASKED": int(masked), "ROWS_PER_ID": 1, "EPILOGUE": EPILOGUES[epi],
           "ROW_WEIGHT": int(epi == "weight"), "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
-          "BLOCK_K": config["BLOCK_K"]}
+          "BLOCK_K": config["BLOCK_K"], "INTERP_FIX": 0}
     sig.update({k: "constexpr" for k in cx})
     return [CompileSpec.make(__name__, "grouped_gemm_kernel", sig, cx, num_warps=config["num_warps"],
                              num_stages=config["num_stages"])]
@@ -139,7 +140,8 @@ def grouped_gemm_kernel(a_ptr, sa_ptr, b_ptr, bu_ptr, sb_ptr, sbu_ptr, c_ptr, sc
                         M, N_OUT, K, M_MAX, stride_be, stride_sbe,
                         FP8: tl.constexpr, MASKED: tl.constexpr, ROWS_PER_ID: tl.constexpr,
                         EPILOGUE: tl.constexpr, ROW_WEIGHT: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        INTERP_FIX: tl.constexpr):
     e, row0, keep = _expert_rows(tl.program_id(0), eid_ptr, mcount_ptr, M, M_MAX, MASKED, ROWS_PER_ID, BLOCK_M)
     if e < 0:
         return
@@ -186,7 +188,7 @@ def grouped_gemm_kernel(a_ptr, sa_ptr, b_ptr, bu_ptr, sb_ptr, sbu_ptr, c_ptr, sc
     smask = keep[:, None] & (cols < N_OUT)[None, :]
     if EPILOGUE == 2:
         scale = tl.maximum(tl.max(tl.abs(acc), 1), 1e-4) / 448.0
-        tl.store(c_ptrs, (acc / scale[:, None]).to(c_ptr.dtype.element_ty), mask=smask)
+        tl.store(c_ptrs, to_e4m3(acc / scale[:, None], c_ptr.dtype.element_ty, INTERP_FIX), mask=smask)
         tl.store(sc_ptr + (row0_64 + offs_m) * (N_OUT // 128) + pid_n, scale, mask=keep)
     else:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=smask)

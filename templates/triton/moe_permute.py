@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from dskc.build.triton_xc import CompileSpec
+from dskc.templates.triton._moe_common import to_e4m3
 
 STEM = "moe_permute"
 
@@ -84,8 +85,9 @@ def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
         __name__, "moe_gather_kernel",
         {"x_ptr": "*bf16", "sorted_ptr": "*i32", "w_ptr": "*fp32", "a_ptr": "*fp8e4nv", "sa_ptr": "*fp32",
          "rw_ptr": "*fp32", "R": "i32", "D": "i32", "TOP_K": "i32", "QUANT": "constexpr", "ROWS": "constexpr",
-         "BLOCK_N": "constexpr"},
-        {"QUANT": 1, "ROWS": config["GATHER_ROWS"], "BLOCK_N": config["BLOCK_N"]}, num_warps=w, num_stages=1)
+         "BLOCK_N": "constexpr", "INTERP_FIX": "constexpr"},
+        {"QUANT": 1, "ROWS": config["GATHER_ROWS"], "BLOCK_N": config["BLOCK_N"], "INTERP_FIX": 0},
+        num_warps=w, num_stages=1)
     combine = CompileSpec.make(
         __name__, "moe_combine_kernel",
         {"y_ptr": "*bf16", "dest_ptr": "*i32", "shared_ptr": "*bf16", "out_ptr": "*bf16", "T": "i32", "N": "i32",
@@ -155,7 +157,7 @@ def moe_fill_rows_kernel(counts_ptr, starts_ptr, sorted_ptr, m_idx_ptr, block_ex
 
 @triton.jit
 def moe_gather_kernel(x_ptr, sorted_ptr, w_ptr, a_ptr, sa_ptr, rw_ptr, R, D, TOP_K,
-                      QUANT: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                      QUANT: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, INTERP_FIX: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     pid_n = tl.program_id(1)
     src = tl.load(sorted_ptr + rows, mask=rows < R, other=-1)
@@ -174,7 +176,7 @@ def moe_gather_kernel(x_ptr, sorted_ptr, w_ptr, a_ptr, sa_ptr, rw_ptr, R, D, TOP
         amax = tl.maximum(tl.max(tl.abs(vg), 2), 1e-4)
         scale = amax / 448.0
         q = tl.reshape(vg / scale[:, :, None], [ROWS, BLOCK_N])
-        tl.store(dst, q.to(a_ptr.dtype.element_ty), mask=ok[:, None] & cmask[None, :])
+        tl.store(dst, to_e4m3(q, a_ptr.dtype.element_ty, INTERP_FIX), mask=ok[:, None] & cmask[None, :])
         groups = pid_n * G + tl.arange(0, G)
         n_groups = D // 128
         tl.store(sa_ptr + rows[:, None] * n_groups + groups[None, :], scale,
