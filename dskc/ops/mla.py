@@ -124,8 +124,8 @@ def _check_decode(q, kv_cache, block_table, cache_seqlens, kv_format):
         raise ValueError(f"q must be [batch, s_q, h_q, {D_QK}] (512 latent + 64 rope), got {tuple(q.shape)}")
     if q.dtype not in _FLOATS:
         raise TypeError(f"q must be bf16/fp16/fp32, got {q.dtype}")
-    if q.stride(-1) != 1:
-        raise ValueError("q must have a contiguous last dimension")
+    if not q.is_contiguous() or q.data_ptr() % 16:
+        raise ValueError("q must be contiguous with a 16-byte aligned base")
     b, s_q, h_q, _ = q.shape
     if not 1 <= h_q <= 128:
         raise ValueError(f"h_q must be in 1..128, got {h_q}")
@@ -145,8 +145,8 @@ def _check_decode(q, kv_cache, block_table, cache_seqlens, kv_format):
             raise TypeError("the fp8 cache needs a 16-bit query (bf16 or fp16)")
     else:
         raise ValueError(f"kv_format must be 'bf16' or 'fp8', got {kv_format!r}")
-    if not kv_cache.is_contiguous():
-        raise ValueError("kv_cache must be contiguous")
+    if not kv_cache.is_contiguous() or kv_cache.data_ptr() % 16:
+        raise ValueError("kv_cache must be contiguous with a 16-byte aligned base")
     page = kv_cache.shape[1]
     if not 1 <= page <= 256:
         raise ValueError(f"page size must be in 1..256, got {page}")
@@ -188,19 +188,13 @@ def validate_paged(block_table, cache_seqlens, num_blocks: int, page: int) -> No
 
 
 def _cache_views(kv_cache, kv_format):
-    """(kv, scales, rope) pointer views with their (page, token) strides in elements."""
+    """(kv, scales, rope) views of the cache whose bases the kernel offsets by token * constexpr stride."""
     if kv_format == "fp8":
-        nb, page = kv_cache.shape[:2]
-        flat = kv_cache.view(nb, page, FP8_TOKEN_BYTES)
-        kv = flat.view(torch.float8_e4m3fn)
-        sc = flat.view(torch.float32)[..., D_LATENT // 4:]
-        rope = flat.view(torch.bfloat16)[..., (D_LATENT + 16) // 2:]
-        return (kv, kv.stride(0), kv.stride(1)), (sc, sc.stride(0), sc.stride(1)), (rope, rope.stride(0),
-                                                                                      rope.stride(1))
-    kv = kv_cache[:, :, 0, :]
-    rope = kv[..., D_LATENT:]
-    return (kv, kv.stride(0), kv.stride(1)), (kv, kv.stride(0), kv.stride(1)), (rope, rope.stride(0),
-                                                                                rope.stride(1))
+        flat = kv_cache.view(-1, FP8_TOKEN_BYTES)
+        return (flat.view(torch.float8_e4m3fn), flat.view(torch.float32)[:, D_LATENT // 4:],
+                flat.view(torch.bfloat16)[:, (D_LATENT + 16) // 2:])
+    flat = kv_cache.view(-1, D_QK)
+    return flat, flat, flat[:, D_LATENT:]
 
 
 def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal=False, kv_format="bf16",
@@ -235,15 +229,13 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal=Fa
     parts = metadata.tile_scheduler_metadata.shape[0]
     oacc = torch.empty(b + parts, rows, D_LATENT, dtype=torch.float32, device=q.device)
     lacc = torch.empty(b + parts, rows, dtype=torch.float32, device=q.device)
-    (kv, kv_sp, kv_st), (sc, sc_sp, sc_st), (rope, r_sp, r_st) = _cache_views(kv_cache, kv_format)
+    kv, sc, rope = _cache_views(kv_cache, kv_format)
     grid = (parts, triton_cdiv(rows, cfg["BLOCK_M"]), D_LATENT // cfg["BLOCK_DV"])
     _dec.mla_decode_split_kernel[grid](
         q, kv, sc, rope, block_table, cache_seqlens, metadata.tile_scheduler_metadata, metadata.num_splits,
-        out, lse, oacc, lacc, s_q, h_q, q.stride(0), q.stride(1), q.stride(2), block_table.stride(0), page,
-        kv_sp, kv_st, r_sp, r_st, sc_sp, sc_st, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
-        lse.stride(1), float(softmax_scale) * math.log2(math.e),
-        CAUSAL=bool(causal) and s_q > 1, FP8=kv_format == "fp8", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_DV=cfg["BLOCK_DV"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        out, lse, oacc, lacc, s_q, h_q, block_table.stride(0), lse.stride(0), lse.stride(1),
+        float(softmax_scale) * math.log2(math.e), PAGE=page, **_dec.token_strides(kv_format == "fp8"), CAUSAL=bool(causal) and s_q > 1, FP8=kv_format == "fp8", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], BLOCK_DV=cfg["BLOCK_DV"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _dec.mla_decode_combine_kernel[(b, triton_cdiv(rows, _dec.COMBINE_BLOCK_R))](
         out, lse, oacc, lacc, metadata.num_splits, s_q, h_q, out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), BLOCK_R=_dec.COMBINE_BLOCK_R, num_warps=4)

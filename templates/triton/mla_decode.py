@@ -27,12 +27,14 @@ D_LATENT = 512
 D_ROPE = 64
 D_QK = D_LATENT + D_ROPE
 _DL = tl.constexpr(D_LATENT)
+_DQK = tl.constexpr(D_QK)
 FP8_TOKEN_BYTES = 656
 META_COLS = 8          # tile_scheduler_metadata row: begin_b, begin_tile, end_b, end_tile, begin_split, 0, 0, 0
 
 SPACE = {
     "BLOCK_M": (16, 32, 64),
     "BLOCK_N": (16, 32, 64),
+    "BLOCK_K": (64, 128),
     "BLOCK_DV": (128, 256, 512),
     "num_warps": (4, 8),
     "num_stages": (1, 2, 3),
@@ -44,9 +46,9 @@ CONSTRAINTS = (
 # 64 rows x 64 keys, 8 warps: the fp32 accumulator (64 x 512) is 128 registers per thread; a 64-row tile is what
 # sm_90 wgmma needs, and rows beyond h_q*s_q are masked (cheap while the step is memory-bound).
 DEFAULTS = {
-    "sm80": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_DV": 512, "num_warps": 8, "num_stages": 1},
-    "sm90": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_DV": 512, "num_warps": 8, "num_stages": 1},
-    "sm100": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_DV": 512, "num_warps": 8, "num_stages": 1},
+    "sm80": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "BLOCK_DV": 512, "num_warps": 8, "num_stages": 1},
+    "sm90": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_DV": 512, "num_warps": 8, "num_stages": 1},
+    "sm100": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_DV": 512, "num_warps": 8, "num_stages": 1},
 }
 
 
@@ -67,22 +69,30 @@ def _load_latent(kv_ptr, sc_ptr, row_off, sc_off, cols, n_mask, FP8: tl.constexp
 
 
 @triton.jit
-def _tile_update(q_lat, q_rope, kv_ptr, sc_ptr, rope_ptr, block_table_ptr, b, t0, seqlen, limit, dv0,
-                 m_i, l_i, acc, stride_bt, PAGE, stride_page, stride_tok, rope_stride_page, rope_stride_tok,
-                 sc_stride_page, sc_stride_tok, qk_scale, FP8: tl.constexpr, BLOCK_N: tl.constexpr,
+def _tile_update(q_ptr, q_off, row_mask, kv_ptr, sc_ptr, rope_ptr, block_table_ptr, b, t0, seqlen, limit, dv0,
+                 m_i, l_i, acc, stride_bt, qk_scale, PAGE: tl.constexpr, TOK: tl.constexpr, SC_TOK: tl.constexpr,
+                 ROPE_TOK: tl.constexpr, FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  BLOCK_DV: tl.constexpr, DTYPE: tl.constexpr):
-    """One BLOCK_N-token tile of online softmax (base-2 logits) for all rows of the program."""
+    """One BLOCK_N-token tile of online softmax (base-2 logits) for all rows of the program.
+
+    q.k is summed over BLOCK_K-wide chunks (q chunks re-read, they stay in L1/L2) so that no 512-wide operand is
+    live in registers; the value columns dv0..dv0+BLOCK_DV are loaded again for P @ V.
+    """
     t = t0 + tl.arange(0, BLOCK_N)
     n_mask = t < seqlen
     page = tl.load(block_table_ptr + b * stride_bt + t // PAGE, mask=n_mask, other=0).to(tl.int64)
-    slot = (t % PAGE).to(tl.int64)
-    row_off = page * stride_page + slot * stride_tok
-    sc_off = page * sc_stride_page + slot * sc_stride_tok
-    rope_off = page * rope_stride_page + slot * rope_stride_tok
-    k_lat = _load_latent(kv_ptr, sc_ptr, row_off, sc_off, tl.arange(0, _DL), n_mask, FP8, DTYPE)
+    tok = page * PAGE + (t % PAGE)
+    row_off = tok * TOK
+    sc_off = tok * SC_TOK
+    rope_off = tok * ROPE_TOK
+    q_rope = tl.load(q_ptr + q_off[:, None] + _DL + tl.arange(0, 64)[None, :], mask=row_mask[:, None], other=0.0)
     k_rope = tl.load(rope_ptr + rope_off[:, None] + tl.arange(0, 64)[None, :], mask=n_mask[:, None], other=0.0)
-    s = tl.dot(q_lat, tl.trans(k_lat))
-    s = tl.dot(q_rope, tl.trans(k_rope.to(DTYPE)), s)
+    s = tl.dot(q_rope, tl.trans(k_rope.to(DTYPE)))
+    for c in tl.static_range(_DL // BLOCK_K):
+        cols = c * BLOCK_K + tl.arange(0, BLOCK_K)
+        q_c = tl.load(q_ptr + q_off[:, None] + cols[None, :], mask=row_mask[:, None], other=0.0)
+        k_c = _load_latent(kv_ptr, sc_ptr, row_off, sc_off, cols, n_mask, FP8, DTYPE)
+        s = tl.dot(q_c, tl.trans(k_c), s)
     s = s * qk_scale
     s = tl.where(t[None, :] <= limit[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -90,10 +100,7 @@ def _tile_update(q_lat, q_rope, kv_ptr, sc_ptr, rope_ptr, block_table_ptr, b, t0
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if BLOCK_DV == _DL:
-        v = k_lat
-    else:
-        v = _load_latent(kv_ptr, sc_ptr, row_off, sc_off, dv0 + tl.arange(0, BLOCK_DV), n_mask, FP8, DTYPE)
+    v = _load_latent(kv_ptr, sc_ptr, row_off, sc_off, dv0 + tl.arange(0, BLOCK_DV), n_mask, FP8, DTYPE)
     acc = tl.dot(p.to(DTYPE), v, acc * alpha[:, None])
     return m_new, l_i, acc
 
@@ -102,13 +109,18 @@ def _tile_update(q_lat, q_rope, kv_ptr, sc_ptr, rope_ptr, block_table_ptr, b, t0
 def mla_decode_split_kernel(
         q_ptr, kv_ptr, sc_ptr, rope_ptr, block_table_ptr, seqlens_ptr, meta_ptr, cum_splits_ptr,
         out_ptr, lse_ptr, oacc_ptr, lacc_ptr,
-        S_Q, H_Q, stride_qb, stride_qs, stride_qh,
-        stride_bt, PAGE, stride_page, stride_tok, rope_stride_page, rope_stride_tok, sc_stride_page,
-        sc_stride_tok, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, qk_scale,
+        S_Q, H_Q, stride_bt, stride_lb, stride_lh, qk_scale,
+        PAGE: tl.constexpr, TOK: tl.constexpr, SC_TOK: tl.constexpr, ROPE_TOK: tl.constexpr,
         CAUSAL: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_DV: tl.constexpr):
+        BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Attention of BLOCK_M query rows (output columns dv0..dv0+BLOCK_DV) over one part's tiles."""
     DTYPE = q_ptr.dtype.element_ty
+    # q and out are contiguous (rows of 576 / 512 elements) and every base is 16-byte aligned (checked by the
+    # wrapper); token strides are constexpr, so gathered rows load as 16-byte vectors.
+    q_ptr = tl.multiple_of(q_ptr, 16)
+    kv_ptr = tl.multiple_of(kv_ptr, 16)
+    rope_ptr = tl.multiple_of(rope_ptr, 16)
+    out_ptr = tl.multiple_of(out_ptr, 16)
     part = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     dv0 = tl.program_id(2) * BLOCK_DV
@@ -128,10 +140,7 @@ def mla_decode_split_kernel(
         t_lo = tl.where(b == begin_b, begin_tile, 0)
         t_hi = tl.where(b == end_b, end_tile, tl.cdiv(seqlen, BLOCK_N))
         if t_lo < t_hi:
-            q_off = b.to(tl.int64) * stride_qb + s_idx * stride_qs + h_idx * stride_qh
-            q_lat = tl.load(q_ptr + q_off[:, None] + tl.arange(0, _DL)[None, :], mask=row_mask[:, None], other=0.0)
-            q_rope = tl.load(q_ptr + q_off[:, None] + _DL + tl.arange(0, 64)[None, :], mask=row_mask[:, None],
-                             other=0.0)
+            q_off = (b.to(tl.int64) * n_rows + rows) * _DQK
             if CAUSAL:
                 limit = seqlen - S_Q + s_idx
             else:
@@ -141,16 +150,16 @@ def mla_decode_split_kernel(
             acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
             for tile in range(t_lo, t_hi):
                 m_i, l_i, acc = _tile_update(
-                    q_lat, q_rope, kv_ptr, sc_ptr, rope_ptr, block_table_ptr, b, tile * BLOCK_N, seqlen, limit, dv0,
-                    m_i, l_i, acc, stride_bt, PAGE, stride_page, stride_tok, rope_stride_page, rope_stride_tok,
-                    sc_stride_page, sc_stride_tok, qk_scale, FP8, BLOCK_N, BLOCK_DV, DTYPE)
+                    q_ptr, q_off, row_mask, kv_ptr, sc_ptr, rope_ptr, block_table_ptr, b, tile * BLOCK_N, seqlen, limit, dv0,
+                    m_i, l_i, acc, stride_bt, qk_scale, PAGE, TOK, SC_TOK, ROPE_TOK, FP8, BLOCK_N, BLOCK_K,
+                    BLOCK_DV, DTYPE)
             empty = l_i == 0.0
             acc = acc * tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))[:, None]
             lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
             cum0 = tl.load(cum_splits_ptr + b)
             n_split = tl.load(cum_splits_ptr + b + 1) - cum0
             if n_split == 1:
-                o_off = b.to(tl.int64) * stride_ob + s_idx * stride_os + h_idx * stride_oh
+                o_off = (b.to(tl.int64) * n_rows + rows) * _DL
                 tl.store(out_ptr + o_off[:, None] + dv[None, :], acc.to(out_ptr.dtype.element_ty),
                          mask=row_mask[:, None])
                 if dv0 == 0:
@@ -203,25 +212,28 @@ def _dtype_sig(problem: dict) -> str:
     return {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[problem.get("dtype", "bfloat16")]
 
 
+def token_strides(kv_fp8: bool) -> dict:
+    """Per-token element strides of the (kv, scale, rope) views of a contiguous cache."""
+    if kv_fp8:
+        return {"TOK": FP8_TOKEN_BYTES, "SC_TOK": FP8_TOKEN_BYTES // 4, "ROPE_TOK": FP8_TOKEN_BYTES // 2}
+    return {"TOK": D_QK, "SC_TOK": D_QK, "ROPE_TOK": D_QK}
+
+
 def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
-    """The split kernel (for the problem's cache format) and the combine kernel."""
+    """The split kernel (for the problem's cache format and page size) and the combine kernel."""
     dt = _dtype_sig(problem)
     fp8 = bool(problem["kv_fp8"])
     kv_t, sc_t, rope_t = ("*fp8e4nv", "*fp32", "*bf16") if fp8 else (dt, dt, dt)
     split_sig = {"q_ptr": dt, "kv_ptr": kv_t, "sc_ptr": sc_t, "rope_ptr": rope_t, "block_table_ptr": "*i32",
                  "seqlens_ptr": "*i32", "meta_ptr": "*i32", "cum_splits_ptr": "*i32", "out_ptr": dt,
-                 "lse_ptr": "*fp32", "oacc_ptr": "*fp32", "lacc_ptr": "*fp32"}
-    for name in ("S_Q", "H_Q", "stride_qb", "stride_qs", "stride_qh", "stride_bt", "PAGE", "stride_page",
-                 "stride_tok", "rope_stride_page", "rope_stride_tok", "sc_stride_page", "sc_stride_tok",
-                 "stride_ob", "stride_os", "stride_oh", "stride_lb", "stride_lh"):
-        split_sig[name] = "i32"
-    split_sig["qk_scale"] = "fp32"
-    causal = bool(problem.get("causal", problem["s_q"] > 1))
-    for name in ("CAUSAL", "FP8", "BLOCK_M", "BLOCK_N", "BLOCK_DV"):
-        split_sig[name] = "constexpr"
-    split = CompileSpec.make(__name__, "mla_decode_split_kernel", split_sig,
-                             {"CAUSAL": causal, "FP8": fp8, "BLOCK_M": config["BLOCK_M"],
-                              "BLOCK_N": config["BLOCK_N"], "BLOCK_DV": config["BLOCK_DV"]}, config["num_warps"], config["num_stages"])
+                 "lse_ptr": "*fp32", "oacc_ptr": "*fp32", "lacc_ptr": "*fp32", "S_Q": "i32", "H_Q": "i32",
+                 "stride_bt": "i32", "stride_lb": "i32", "stride_lh": "i32", "qk_scale": "fp32"}
+    consts = {"PAGE": problem["page_size"], **token_strides(fp8), "CAUSAL": bool(problem.get("causal", problem["s_q"] > 1)),
+              "FP8": fp8, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"],
+              "BLOCK_DV": config["BLOCK_DV"]}
+    split_sig.update({k: "constexpr" for k in consts})
+    split = CompileSpec.make(__name__, "mla_decode_split_kernel", split_sig, consts, config["num_warps"],
+                             config["num_stages"])
     comb_sig = {"out_ptr": dt, "lse_ptr": "*fp32", "oacc_ptr": "*fp32", "lacc_ptr": "*fp32",
                 "cum_splits_ptr": "*i32", "S_Q": "i32", "H_Q": "i32", "stride_ob": "i32", "stride_os": "i32",
                 "stride_oh": "i32", "stride_lb": "i32", "stride_lh": "i32", "BLOCK_R": "constexpr"}

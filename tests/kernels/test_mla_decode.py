@@ -7,7 +7,7 @@ import torch
 from dskc.ops import mla
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DV=256, num_warps=4, num_stages=1)  # many tiles -> many splits
+SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, BLOCK_DV=256, num_warps=4, num_stages=1)  # many tiles -> many splits
 
 
 def dequant_fp8_tokens(raw: torch.Tensor) -> torch.Tensor:
