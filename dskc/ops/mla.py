@@ -19,8 +19,10 @@ import math
 import torch
 
 from dskc.templates.triton import mla_decode as _dec
+from dskc.templates.triton import mla_rope as _rope
 
-__all__ = ["MLAMetadata", "get_mla_metadata", "mla_decode", "quantize_mla_cache_fp8", "dequantize_mla_cache_fp8"]
+__all__ = ["MLAMetadata", "get_mla_metadata", "mla_decode", "rope_norm_cache_write", "paged_slots",
+           "quantize_mla_cache_fp8", "dequantize_mla_cache_fp8"]
 
 D_LATENT, D_ROPE, D_QK = _dec.D_LATENT, _dec.D_ROPE, _dec.D_QK
 FP8_TOKEN_BYTES = _dec.FP8_TOKEN_BYTES
@@ -276,3 +278,75 @@ def dequantize_mla_cache_fp8(packed: torch.Tensor) -> torch.Tensor:
     scale = p[..., D_LATENT:D_LATENT + 16].contiguous().view(torch.float32).reshape(*lead, 4)
     rope = p[..., D_LATENT + 16:].contiguous().view(torch.bfloat16).float()
     return torch.cat([(lat * scale[..., None]).reshape(*lead, D_LATENT), rope], -1)
+
+
+def paged_slots(block_table: torch.Tensor, seq_ids: torch.Tensor, positions: torch.Tensor, page_size: int):
+    """Flat cache slots (page id * page_size + offset), int32, for tokens at `positions` of sequences `seq_ids`."""
+    pos = positions.long()
+    return (block_table[seq_ids.long(), pos // page_size].long() * page_size + pos % page_size).to(torch.int32)
+
+
+def _check_cache_target(kv_cache, slots, kv_format, tokens, device):
+    if kv_format not in ("bf16", "fp8"):
+        raise ValueError(f"kv_format must be 'bf16' or 'fp8', got {kv_format!r}")
+    width = FP8_TOKEN_BYTES if kv_format == "fp8" else D_QK
+    if kv_cache.dim() != 4 or kv_cache.shape[2] != 1 or kv_cache.shape[3] != width:
+        raise ValueError(f"kv_cache ({kv_format}) must be [num_blocks, page, 1, {width}], got {tuple(kv_cache.shape)}")
+    if kv_format == "fp8" and kv_cache.dtype != torch.uint8:
+        raise TypeError(f"kv_cache in the fp8 format must be uint8, got {kv_cache.dtype}")
+    if not kv_cache.is_contiguous() or kv_cache.device != device:
+        raise ValueError("kv_cache must be contiguous and on the inputs' device")
+    if slots is None or slots.dtype != torch.int32 or tuple(slots.shape) != (tokens,):
+        raise TypeError(f"slots must be int32 [{tokens}] (see paged_slots), got "
+                        f"{None if slots is None else (slots.dtype, tuple(slots.shape))}")
+    capacity = kv_cache.shape[0] * kv_cache.shape[1]
+    if tokens and bool((slots >= capacity).any()):
+        raise ValueError(f"slots beyond the cache's {capacity} token slots")
+
+
+def rope_norm_cache_write(kv_a, norm_weight, rope_table, positions, q_pe=None, *, eps=1e-6, kv_cache=None,
+                          slots=None, kv_format="bf16", config=None):
+    """RMSNorm the latent, rotate the rope key (and q_pe in place), optionally write both into the paged cache.
+
+    kv_a: [T, 576] (wkv_a output: 512 latent | 64 rope key, last dim contiguous); norm_weight [512];
+    rope_table: fp32 [max_pos, 32, 2] (cos, sin) as dskc.model.mla.precompute_rope; positions: int32 [T];
+    q_pe: [T, H, 64] with unit last stride (e.g. q[..., 128:]), rotated in place; kv_cache (see module doc) with
+    slots int32 [T] = page id * page + offset (negative: skip). Returns (latent [T, 512], k_pe [T, 64]) in
+    kv_a's dtype. RoPE pairs (x[2i], x[2i+1]); math in fp32.
+    """
+    if kv_a.dim() != 2 or kv_a.shape[1] != D_QK or kv_a.stride(1) != 1 or kv_a.dtype not in _FLOATS:
+        raise ValueError(f"kv_a must be float [T, {D_QK}] with a unit last stride, got {kv_a.dtype} "
+                         f"{tuple(kv_a.shape)}")
+    t = kv_a.shape[0]
+    if tuple(norm_weight.shape) != (D_LATENT,):
+        raise ValueError(f"norm_weight must be [{D_LATENT}], got {tuple(norm_weight.shape)}")
+    if rope_table.dtype != torch.float32 or rope_table.dim() != 3 or rope_table.shape[1:] != (D_ROPE // 2, 2):
+        raise TypeError(f"rope_table must be fp32 [max_pos, {D_ROPE // 2}, 2], got {rope_table.dtype} "
+                        f"{tuple(rope_table.shape)}")
+    if positions.dtype != torch.int32 or tuple(positions.shape) != (t,):
+        raise TypeError(f"positions must be int32 [{t}]")
+    if t and bool(((positions < 0) | (positions >= rope_table.shape[0])).any()):
+        raise ValueError(f"positions outside the rope table's 0..{rope_table.shape[0] - 1}")
+    if q_pe is not None and (q_pe.dim() != 3 or q_pe.shape[0] != t or q_pe.shape[2] != D_ROPE
+                             or q_pe.stride(2) != 1 or q_pe.dtype not in _FLOATS):
+        raise ValueError(f"q_pe must be float [{t}, H, {D_ROPE}] with a unit last stride, got "
+                         f"{q_pe.dtype} {tuple(q_pe.shape)}")
+    write = kv_cache is not None
+    if write:
+        _check_cache_target(kv_cache, slots, kv_format, t, kv_a.device)
+    cfg = dict(config) if config is not None else dict(_rope.DEFAULTS["sm90"])
+    lat = torch.empty(t, D_LATENT, dtype=kv_a.dtype, device=kv_a.device)
+    pe = torch.empty(t, D_ROPE, dtype=kv_a.dtype, device=kv_a.device)
+    if t == 0:
+        return lat, pe
+    qp = q_pe if q_pe is not None else pe.view(t, 1, D_ROPE)[:, :0]
+    if write:
+        cache, sc, crope = _cache_views(kv_cache, kv_format)
+    else:
+        cache = sc = crope = lat
+        slots = positions
+    _rope.mla_rope_norm_kernel[(triton_cdiv(t, cfg["BLOCK_T"]),)](
+        kv_a, norm_weight, rope_table.contiguous(), positions, qp, lat, pe, slots, cache, sc, crope, t,
+        qp.shape[1], kv_a.stride(0), qp.stride(0), max(qp.stride(1), 1), float(eps), BLOCK_T=cfg["BLOCK_T"],
+        BLOCK_H=cfg["BLOCK_H"], WRITE_CACHE=write, FP8=write and kv_format == "fp8", num_warps=cfg["num_warps"])
+    return lat, pe

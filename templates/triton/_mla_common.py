@@ -1,0 +1,35 @@
+"""Triton helpers shared by the MLA stems: writing token rows into the paged latent cache (dense or FP8)."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+DL = tl.constexpr(512)        # latent width
+DR = tl.constexpr(64)         # rope width
+FP8_TOK = tl.constexpr(656)   # bytes per token in the FP8 layout
+FP8_MAX = tl.constexpr(448.0)
+
+
+@triton.jit
+def store_cache_rows(cache_ptr, sc_ptr, rope_ptr, slots, lat, rope, mask, FP8: tl.constexpr):
+    """Write [BT] tokens (latent [BT, 512] fp32, rope [BT, 64] fp32) at flat cache slots (page * page + offset).
+
+    Dense: cache_ptr is the cache as rows of 576 elements (rope_ptr/sc_ptr unused).
+    FP8: cache_ptr = e4m3 view, sc_ptr = fp32 view + 128, rope_ptr = bf16 view + 264 of rows of 656 bytes; each
+    group of 128 latent values is stored as e4m3(x / s) with s = max(amax, 1e-4) / 448.
+    """
+    slots = slots.to(tl.int64)
+    if FP8:
+        g = tl.reshape(lat, [lat.shape[0], 4, 128])
+        scale = tl.maximum(tl.max(tl.abs(g), 2), 1e-4) / FP8_MAX
+        q8 = tl.reshape(g / scale[:, :, None], [lat.shape[0], 512])
+        q8 = tl.clamp(q8, -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+        tl.store(cache_ptr + slots[:, None] * FP8_TOK + tl.arange(0, DL)[None, :], q8, mask=mask[:, None])
+        tl.store(sc_ptr + slots[:, None] * (FP8_TOK // 4) + tl.arange(0, 4)[None, :], scale, mask=mask[:, None])
+        tl.store(rope_ptr + slots[:, None] * (FP8_TOK // 2) + tl.arange(0, DR)[None, :],
+                 rope.to(tl.bfloat16), mask=mask[:, None])
+    else:
+        row = slots[:, None] * (DL + DR)
+        ty = cache_ptr.dtype.element_ty
+        tl.store(cache_ptr + row + tl.arange(0, DL)[None, :], lat.to(ty), mask=mask[:, None])
+        tl.store(cache_ptr + row + DL + tl.arange(0, DR)[None, :], rope.to(ty), mask=mask[:, None])

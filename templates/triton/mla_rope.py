@@ -1,0 +1,95 @@
+"""MLA key/query path: RMSNorm of the latent kv + DeepSeek RoPE (interleaved pairs) + paged-cache write, one pass.
+
+`mla_rope_norm_kernel` grid (ceil(T / BLOCK_T),): for BLOCK_T tokens
+  * latent = rmsnorm(kv_a[:, :512]) * weight  (fp32 math)   -> kv_out [T, 512]
+  * k_pe   = rope(kv_a[:, 512:576], pos)                      -> pe_out [T, 64]
+  * q_pe   = rope(q_pe, pos) in place for every head (q_pe [T, H, 64], any strides, e.g. a slice of q)
+  * when WRITE_CACHE: latent and k_pe into the paged cache at flat slot `slots[t]` (< 0: not written).
+RoPE rotates (x[2i], x[2i+1]) by angle pos * freq[i]: the table is [max_pos, 32, 2] = (cos, sin), YaRN already
+folded into the frequencies (the model's precompute_rope).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from dskc.build.triton_xc import CompileSpec
+from dskc.templates.triton._mla_common import store_cache_rows
+
+STEM = "mla_rope"
+SPACE = {"BLOCK_T": (1, 2, 4, 8), "BLOCK_H": (1, 4, 16), "num_warps": (1, 2, 4)}
+CONSTRAINTS = ("BLOCK_H <= max(1, h_q)",)
+DEFAULTS = {
+    "sm80": {"BLOCK_T": 4, "BLOCK_H": 4, "num_warps": 4},
+    "sm90": {"BLOCK_T": 4, "BLOCK_H": 4, "num_warps": 4},
+    "sm100": {"BLOCK_T": 4, "BLOCK_H": 4, "num_warps": 4},
+}
+
+
+def problem_names() -> tuple[str, ...]:
+    return ("tokens", "h_q", "kv_fp8")
+
+
+@triton.jit
+def _rotate(even, odd, cos, sin):
+    return even * cos - odd * sin, even * sin + odd * cos
+
+
+@triton.jit
+def mla_rope_norm_kernel(kv_a_ptr, weight_ptr, rope_tab_ptr, pos_ptr, q_ptr, kv_out_ptr, pe_out_ptr, slots_ptr,
+                         cache_ptr, sc_ptr, crope_ptr, T, H, stride_kv_t, stride_qt, stride_qh, eps,
+                         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_CACHE: tl.constexpr,
+                         FP8: tl.constexpr):
+    """See the module docstring."""
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = tok < T
+    tok64 = tok.to(tl.int64)
+    cols = tl.arange(0, 512)
+    x = tl.load(kv_a_ptr + tok64[:, None] * stride_kv_t + cols[None, :], mask=tmask[:, None], other=0.0)
+    x = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / 512 + eps)
+    w = tl.load(weight_ptr + cols).to(tl.float32)
+    lat = x * rstd[:, None] * w[None, :]
+    tl.store(kv_out_ptr + tok64[:, None] * 512 + cols[None, :], lat.to(kv_out_ptr.dtype.element_ty),
+             mask=tmask[:, None])
+    pos = tl.load(pos_ptr + tok, mask=tmask, other=0).to(tl.int64)
+    i = tl.arange(0, 32)
+    cos = tl.load(rope_tab_ptr + pos[:, None] * 64 + 2 * i[None, :], mask=tmask[:, None], other=1.0)
+    sin = tl.load(rope_tab_ptr + pos[:, None] * 64 + 2 * i[None, :] + 1, mask=tmask[:, None], other=0.0)
+    pe = kv_a_ptr + tok64[:, None] * stride_kv_t + 512 + 2 * i[None, :]
+    ke, ko = _rotate(tl.load(pe, mask=tmask[:, None], other=0.0).to(tl.float32),
+                     tl.load(pe + 1, mask=tmask[:, None], other=0.0).to(tl.float32), cos, sin)
+    po = pe_out_ptr + tok64[:, None] * 64 + 2 * i[None, :]
+    tl.store(po, ke.to(pe_out_ptr.dtype.element_ty), mask=tmask[:, None])
+    tl.store(po + 1, ko.to(pe_out_ptr.dtype.element_ty), mask=tmask[:, None])
+    if WRITE_CACHE:
+        slots = tl.load(slots_ptr + tok, mask=tmask, other=-1)
+        # interleave the rotated pairs back into 64 columns for the cache row
+        k_pe = tl.reshape(tl.join(ke, ko), [BLOCK_T, 64])
+        store_cache_rows(cache_ptr, sc_ptr, crope_ptr, tl.maximum(slots, 0), lat, k_pe, tmask & (slots >= 0), FP8)
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        m = tmask[:, None, None] & (h < H)[None, :, None]
+        qp = q_ptr + tok64[:, None, None] * stride_qt + h[None, :, None] * stride_qh + 2 * i[None, None, :]
+        qe, qo = _rotate(tl.load(qp, mask=m, other=0.0).to(tl.float32),
+                         tl.load(qp + 1, mask=m, other=0.0).to(tl.float32), cos[:, None, :], sin[:, None, :])
+        tl.store(qp, qe.to(q_ptr.dtype.element_ty), mask=m)
+        tl.store(qp + 1, qo.to(q_ptr.dtype.element_ty), mask=m)
+
+
+def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
+    dt = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[problem.get("dtype", "bfloat16")]
+    fp8 = bool(problem["kv_fp8"])
+    sig = {"kv_a_ptr": dt, "weight_ptr": dt, "rope_tab_ptr": "*fp32", "pos_ptr": "*i32", "q_ptr": dt,
+           "kv_out_ptr": dt, "pe_out_ptr": dt, "slots_ptr": "*i32",
+           "cache_ptr": "*fp8e4nv" if fp8 else dt, "sc_ptr": "*fp32" if fp8 else dt,
+           "crope_ptr": "*bf16" if fp8 else dt, "T": "i32", "H": "i32", "stride_kv_t": "i32", "stride_qt": "i32",
+           "stride_qh": "i32", "eps": "fp32"}
+    consts = {"BLOCK_T": config["BLOCK_T"], "BLOCK_H": config["BLOCK_H"], "WRITE_CACHE": True, "FP8": fp8}
+    sig.update({k: "constexpr" for k in consts})
+    return [CompileSpec.make(__name__, "mla_rope_norm_kernel", sig, consts, config["num_warps"], 1)]
+
+
+def cost(problem: dict) -> tuple[float, float]:
+    t, h = problem["tokens"], problem["h_q"]
+    return float(t * (4 * 512 + 6 * 32 * (h + 1))), float(t * (576 * 2 + 512 * 2 + 64 * 2 * 2 + h * 64 * 4 + 656))
