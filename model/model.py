@@ -41,6 +41,7 @@ class Transformer(nn.Module):
     dtype: parameters, activations and caches (default bfloat16 like the reference); FP8 Linear weights stay
     e4m3 + fp32 scales and are dequantized exactly to `dtype` when used. The gate bias is float32.
     World size and rank come from torch.distributed when it is initialised (see parallel.py).
+    Pick the dtype here, not with .to(dtype): that would also convert the FP8 weights and the float32 rope table.
     """
 
     def __init__(self, args: ModelArgs, attn_impl: str = "absorb", *, dtype: torch.dtype = torch.bfloat16,

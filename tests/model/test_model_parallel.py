@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import save_file
 
 from dskc.model import Transformer, get_config, init_random, load_checkpoint, save_checkpoint
 from dskc.model.parallel import TP, check_parallel, shard_state_dict
@@ -26,7 +27,7 @@ def _run(model):
     return torch.stack(out)
 
 
-def _worker(rank, port, ckpt, out_dir):
+def _worker(rank, port, ckpts, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
@@ -35,7 +36,9 @@ def _worker(rank, port, ckpt, out_dir):
             assert model.tp == TP(WORLD, rank)
             assert model.layers[0].attn.n_local_heads == 2
             assert sum(e is not None for e in model.layers[1].ffn.experts) == 8
-            load_checkpoint(model, ckpt)  # a world-size-1 checkpoint, sharded on load
+            load_checkpoint(model, ckpts[attn_impl])
+            sd = model.state_dict()
+            assert sd["layers.0.attn.wq_b.weight"].shape == (256, 128) and f"layers.1.ffn.experts.{8 * rank}.w1.weight" in sd
             torch.save(_run(model), f"{out_dir}/{attn_impl}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -48,14 +51,20 @@ def _free_port():
 
 
 def test_two_gloo_ranks_match_single_process(tmp_path):
-    """One spawn (process start-up dominates) checks both attention variants."""
+    """One spawn (process start-up dominates) checks both attention variants and both deepseek-layout forms:
+    absorb loads the world-size-1 file (sharded on load), naive loads per-rank model{r}-mp2 files."""
     want = {}
     for attn_impl in IMPLS:
         model = Transformer(get_config("tiny"), attn_impl, dtype=torch.float32)
         init_random(model, 21)
         want[attn_impl] = _run(model)
-    save_checkpoint(model, tmp_path / "ckpt")
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path / "ckpt"), str(tmp_path)), nprocs=WORLD)
+    save_checkpoint(model, tmp_path / "mp1")  # world-size-1 file, sharded on load
+    (tmp_path / "mp2").mkdir()  # per-rank files as DeepSeek's convert.py writes them
+    for rank in range(WORLD):
+        part = shard_state_dict(model.state_dict(), model.args, TP(WORLD, rank))
+        save_file({k: v.contiguous() for k, v in part.items()}, str(tmp_path / "mp2" / f"model{rank}-mp2.safetensors"))
+    ckpts = {"absorb": str(tmp_path / "mp1"), "naive": str(tmp_path / "mp2")}
+    mp.spawn(_worker, args=(_free_port(), ckpts, str(tmp_path)), nprocs=WORLD)
     for attn_impl in IMPLS:
         for rank in range(WORLD):
             got = torch.load(tmp_path / f"{attn_impl}-rank{rank}.pt")
