@@ -19,9 +19,10 @@ import math
 import torch
 
 from dskc.templates.triton import mla_decode as _dec
+from dskc.templates.triton import mla_prefill as _pre
 from dskc.templates.triton import mla_rope as _rope
 
-__all__ = ["MLAMetadata", "get_mla_metadata", "mla_decode", "rope_norm_cache_write", "paged_slots",
+__all__ = ["MLAMetadata", "get_mla_metadata", "mla_decode", "mla_prefill", "rope_norm_cache_write", "paged_slots",
            "quantize_mla_cache_fp8", "dequantize_mla_cache_fp8"]
 
 D_LATENT, D_ROPE, D_QK = _dec.D_LATENT, _dec.D_ROPE, _dec.D_QK
@@ -350,3 +351,69 @@ def rope_norm_cache_write(kv_a, norm_weight, rope_table, positions, q_pe=None, *
         qp.shape[1], kv_a.stride(0), qp.stride(0), max(qp.stride(1), 1), float(eps), BLOCK_T=cfg["BLOCK_T"],
         BLOCK_H=cfg["BLOCK_H"], WRITE_CACHE=write, FP8=write and kv_format == "fp8", num_warps=cfg["num_warps"])
     return lat, pe
+
+
+def _check_prefill(q, k, v, cu_q, cu_k):
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"q, k, v must be [tokens, heads, dim], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if q.dtype not in _FLOATS or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[1:] != k.shape[1:] or k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"head counts / q-k widths / k-v token counts disagree: q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError("q, k, v need a unit last stride")
+    d_v = v.shape[2]
+    if d_v & (d_v - 1):
+        raise ValueError(f"v head dim must be a power of two, got {d_v}")
+    _pre.split_qk(q.shape[2])
+    for name, cu, total in (("cu_seqlens_q", cu_q, q.shape[0]), ("cu_seqlens_k", cu_k, k.shape[0])):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1 or cu.device != q.device:
+            raise TypeError(f"{name} must be int32 [batch + 1] on q's device")
+        if cu.numel() != cu_q.numel():
+            raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length")
+        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{name} must rise from 0 to {total} tokens, got {cu.tolist()[:8]}...")
+
+
+def mla_prefill(q, k, v, cu_seqlens_q, softmax_scale, causal=True, *, cu_seqlens_k=None, max_seqlen_q=None,
+                kv_latent=None, k_rope=None, kv_cache=None, slots=None, kv_format="bf16", config=None):
+    """Non-absorbed MLA prefill: varlen attention with q/k width D_QK (e.g. 192 = 128 + 64) and v width D_V (128).
+
+    q [T_q, H, D_QK], k [T_k, H, D_QK], v [T_k, H, D_V] (one float dtype, unit last stride); cu_seqlens_q/k int32
+    [batch + 1] (k defaults to q's). causal: query i of a sequence sees keys [0, len_k - len_q + i].
+    With kv_cache: the new tokens' kv_latent [T_q, 512] and k_rope [T_q, 64] (already normed / rotated, see
+    rope_norm_cache_write) are written into the paged cache at int32 `slots` [T_q] in the same launch.
+    Returns out [T_q, H, D_V] in q's dtype and lse [T_q, H] fp32 (-inf where a row sees no key, out 0 there).
+    """
+    cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+    _check_prefill(q, k, v, cu_seqlens_q, cu_k)
+    t_q, heads, d_qk = q.shape
+    d_a, d_b = _pre.split_qk(d_qk)
+    write = kv_cache is not None
+    if write:
+        _check_cache_target(kv_cache, slots, kv_format, t_q, q.device)
+        for name, x, w in (("kv_latent", kv_latent, D_LATENT), ("k_rope", k_rope, D_ROPE)):
+            if x is None or x.dim() != 2 or tuple(x.shape) != (t_q, w) or x.stride(1) != 1:
+                raise ValueError(f"{name} must be [{t_q}, {w}] with a unit last stride when kv_cache is given")
+        cache, sc, crope = _cache_views(kv_cache, kv_format)
+    else:
+        kv_latent = k_rope = cache = sc = crope = q
+        slots = cu_seqlens_q
+    cfg = dict(config) if config is not None else dict(_pre.DEFAULTS["sm90"])
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.numel() > 1 else 0
+    out = torch.empty(t_q, heads, v.shape[2], dtype=q.dtype, device=q.device)
+    lse = torch.empty(t_q, heads, dtype=torch.float32, device=q.device)
+    batch = cu_seqlens_q.numel() - 1
+    if batch == 0 or max_seqlen_q == 0 or heads == 0:
+        return out, lse
+    grid = (triton_cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch, heads)
+    _pre.mla_prefill_kernel[grid](
+        q, k, v, out, lse, cu_seqlens_q, cu_k, kv_latent, k_rope, slots, cache, sc, crope,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        lse.stride(0), kv_latent.stride(0), k_rope.stride(0), float(softmax_scale) * math.log2(math.e),
+        D_A=d_a, D_B=d_b, D_V=v.shape[2], CAUSAL=bool(causal), WRITE_CACHE=write, FP8=write and kv_format == "fp8",
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out, lse

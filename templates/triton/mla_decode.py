@@ -34,8 +34,8 @@ META_COLS = 8          # tile_scheduler_metadata row: begin_b, begin_tile, end_b
 SPACE = {
     "BLOCK_M": (16, 32, 64),
     "BLOCK_N": (16, 32, 64),
-    "BLOCK_K": (64, 128),
-    "BLOCK_DV": (128, 256, 512),
+    "BLOCK_K": (32, 64, 128),
+    "BLOCK_DV": (64, 128, 256, 512),
     "num_warps": (4, 8),
     "num_stages": (1, 2, 3),
 }
