@@ -31,9 +31,10 @@ def poison_caches(model: Transformer) -> None:
 
 @pytest.fixture
 def make_tiny():
-    """make_tiny(attn_impl="absorb", dtype=torch.float32, seed=0, **overrides) -> initialised Transformer with NaN caches."""
-    def make(attn_impl="absorb", dtype=torch.float32, seed=0, **overrides):
-        model = Transformer(get_config("tiny", **overrides), attn_impl, dtype=dtype)
+    """make_tiny(attn_impl="absorb", dtype=torch.float32, seed=0, args=None) -> initialised Transformer with NaN
+    caches; args: ModelArgs overrides of the tiny config (its "dtype" is the weight format, bf16 or fp8)."""
+    def make(attn_impl="absorb", dtype=torch.float32, seed=0, args=None):
+        model = Transformer(get_config("tiny", **(args or {})), attn_impl, dtype=dtype)
         init_random(model, seed)
         poison_caches(model)
         return model

@@ -13,9 +13,18 @@ def _tokens(bsz, seqlen, seed, vocab=1024):
     return torch.randint(0, vocab, (bsz, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
-def test_matches_float64_reference(make_tiny, attn_impl):
-    model = make_tiny(attn_impl, seed=3)
+VARIANTS = {  # tiny (V3-like) plus V2-Lite-like and V2-like paths
+    "v3-like": {},
+    "v2-lite-like": dict(q_lora_rank=0, score_func="softmax", gate_bias=None, n_expert_groups=1,
+                         n_limited_groups=1, route_scale=1.0, dtype="bf16", max_seq_len=128, mscale=0.707),
+    "v2-like": dict(score_func="softmax", gate_bias=None, route_scale=16.0, dtype="bf16"),
+}
+
+
+@pytest.mark.parametrize("attn_impl, variant", [("absorb", "v3-like"), ("naive", "v3-like"),
+                                                ("absorb", "v2-lite-like"), ("naive", "v2-like")])
+def test_matches_float64_reference(make_tiny, attn_impl, variant):
+    model = make_tiny(attn_impl, seed=3, args=VARIANTS[variant])
     tokens = _tokens(2, 37, seed=11)
     got = model(tokens)
     want = ref.forward(model.state_dict(), model.args, tokens)
