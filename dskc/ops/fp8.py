@@ -6,6 +6,8 @@ TypeError / ValueError naming the problem. Tensors must be CUDA tensors, or CPU 
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from dskc import knobs
@@ -28,18 +30,34 @@ def _family(device: torch.device) -> str:
     raise ValueError(f"dskc kernels run on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {device}")
 
 
-def _config(stem: str, device: torch.device, config: dict | None) -> dict:
+_TUNED_ARCH = {"sm80": "sm80", "sm90": "sm90a", "sm100": "sm100a"}
+
+
+def _config(stem: str, device: torch.device, config: dict | None, problem: dict) -> dict:
+    """The config to launch `stem` with for `problem`.
+
+    Base: on CUDA the autotuner's exported entry for this arch (dskc.select.tuned) when one matches, else the stem's
+    tuning-free default; under the interpreter the sm90 default. `config` overrides keys of the base (unknown keys
+    are an error) and the result must meet the stem's CONSTRAINTS for the problem.
+    """
     from dskc.templates import registry
 
     mod = registry.get(stem)
     family = _family(device)
-    if config is None:
-        return dict(mod.DEFAULTS[family])
-    missing = sorted(set(mod.SPACE) - set(config))
-    unknown = sorted(set(config) - set(mod.SPACE))
-    if missing or unknown:
-        raise ValueError(f"config for {stem!r} lacks {missing} / has unknown {unknown}; keys are {list(mod.SPACE)}")
-    return dict(config)
+    base = None
+    if device.type == "cuda":
+        from dskc.select import tuned
+        base, _ = tuned.lookup(stem, _TUNED_ARCH[family], problem)
+    cfg = dict(base or mod.DEFAULTS[family])
+    if config:
+        unknown = sorted(set(config) - set(mod.SPACE))
+        if unknown:
+            raise ValueError(f"config keys {unknown} are not in {stem!r}'s space {list(mod.SPACE)}")
+        cfg.update(config)
+    broken = [c for c in mod.CONSTRAINTS if not registry.satisfies(SimpleNamespace(CONSTRAINTS=(c,)), cfg, problem)]
+    if broken:
+        raise ValueError(f"config {cfg} breaks {stem!r}'s constraints {broken} for problem {problem}")
+    return cfg
 
 
 def _check_tensor(name: str, t, dtypes, ndim: int | None = None) -> None:
@@ -98,8 +116,8 @@ def act_quant(x: torch.Tensor, block: int = BLOCK, ue8m0: bool = False, config: 
         raise ValueError(f"act_quant supports block = {BLOCK} only, got {block}")
     _check_tensor("x", x, _ACT_DTYPES)
     device = _same_device(x=x)
-    cfg = _config("act_quant", device, config)
     x2 = _rows("x", x)
+    cfg = _config("act_quant", device, config, {"M": x2.shape[0], "K": x2.shape[1]})
     q, s = _empty_quant(x2, x.shape[-1])
     if x2.numel():
         from dskc.templates.triton import act_quant as tpl
@@ -128,8 +146,8 @@ def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, 
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     device = _same_device(x=x, weight=weight, residual=residual)
-    cfg = _config("act_quant", device, config)
     x2 = _rows("x", x)
+    cfg = _config("act_quant", device, config, {"M": x2.shape[0], "K": x2.shape[1]})
     r2 = _rows("residual", residual) if residual is not None else None
     q, s = _empty_quant(x2, x.shape[-1])
     h = torch.empty_like(x2) if residual is not None else None
@@ -149,9 +167,9 @@ def silu_mul_act_quant(gate_up: torch.Tensor, ue8m0: bool = False, config: dict 
     if gate_up.dim() < 1 or gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dim must be even (gate | up), got shape {tuple(gate_up.shape)}")
     device = _same_device(gate_up=gate_up)
-    cfg = _config("act_quant", device, config)
     g2 = _rows("gate_up", gate_up)
     inter = gate_up.shape[-1] // 2
+    cfg = _config("act_quant", device, config, {"M": g2.shape[0], "K": inter})
     q, s = _empty_quant(g2, inter)
     if g2.numel():
         from dskc.templates.triton import act_quant as tpl
@@ -203,10 +221,12 @@ def fp8_gemm(a, sa, b, sb, out=None, out_dtype: torch.dtype = torch.bfloat16, co
     if out is None:
         out = torch.empty(M, N, dtype=out_dtype, device=device)
     _check_out(out, (M, N), _OUT_DTYPES, device)
-    cfg = _config("fp8_gemm_1d2d", device, config)
-    if M and N:
+    if M and N and a.shape[1]:
+        cfg = _config("fp8_gemm_1d2d", device, config, {"M": M, "N": N, "K": a.shape[1]})
         from dskc.templates.triton import fp8_gemm as tpl
         tpl.launch(a, sa, b, sb, out, cfg)
+    elif M and N:
+        out.zero_()
     return out
 
 
@@ -229,8 +249,8 @@ def bf16_gemm(a, b, out=None, config: dict | None = None):
     if out is None:
         out = torch.empty(M, N, dtype=a.dtype, device=device)
     _check_out(out, (M, N), (a.dtype,), device)
-    cfg = _config("bf16_gemm", device, config)
     if M and N and a.shape[1]:
+        cfg = _config("bf16_gemm", device, config, {"M": M, "N": N, "K": a.shape[1]})
         from dskc.templates.triton import bf16_gemm as tpl
         tpl.launch(a, b, out, cfg)
     elif M and N:

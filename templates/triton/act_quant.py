@@ -83,7 +83,7 @@ def _quantize(x, UE8M0: tl.constexpr):
 @triton.jit
 def act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
                      BLOCK_M: tl.constexpr, UE8M0: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * 128 + tl.arange(0, 128)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -120,7 +120,7 @@ def _residual_sum(x_ptr, r_ptr, rows, cols, mask, stride_xm, stride_rm, HAS_RES:
 def rmsnorm_quant_kernel(x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, rout_ptr, M, K, eps,
                          stride_xm, stride_rm, stride_routm, stride_qm, stride_sm,
                          BLOCK_M: tl.constexpr, HAS_RES: tl.constexpr, UE8M0: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, 128)):
         cols = kb * 128 + tl.arange(0, 128)
@@ -145,7 +145,7 @@ def rmsnorm_quant_kernel(x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, rout_ptr, M, K, eps,
 @triton.jit
 def silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, M, I, stride_gm, stride_qm, stride_sm,
                           BLOCK_M: tl.constexpr, UE8M0: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * 128 + tl.arange(0, 128)
     mask = (rows[:, None] < M) & (cols[None, :] < I)
     g_ptrs = gu_ptr + rows[:, None] * stride_gm + cols[None, :]

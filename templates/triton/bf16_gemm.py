@@ -1,7 +1,8 @@
 """Stem bf16_gemm: D[M, N] = A[M, K] @ B[N, K]^T for bf16 (or fp16) models, fp32 accumulation.
 
 B is an nn.Linear weight ([out_features, in_features], K contiguous). Rows past M / N are wrapped instead of
-masked (read, never stored); the K tail is masked only when K % BLOCK_K != 0 (EVEN_K = 0). Rows must start
+masked (read, never stored); row offsets are 64-bit (M * N passes 2^31 for a 129280-wide
+LM head at 16K tokens); the K tail is masked only when K % BLOCK_K != 0 (EVEN_K = 0). Rows must start
 16-byte aligned (K % 8 == 0, checked by dskc.ops.fp8.bf16_gemm), the hint that makes the loads 16-byte cp.async.
 """
 from __future__ import annotations
@@ -59,8 +60,8 @@ def bf16_gemm_kernel(a_ptr, b_ptr, d_ptr, M, N, K, stride_am, stride_bn, stride_
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + (offs_n % N)[None, :] * stride_bn + offs_k[:, None]
+    a_ptrs = a_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + (offs_n % N).to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
     a_ptrs = tl.multiple_of(a_ptrs, [8, 8])  # 16-byte aligned rows (see module docstring)
     b_ptrs = tl.multiple_of(b_ptrs, [8, 8])
 
@@ -76,7 +77,7 @@ def bf16_gemm_kernel(a_ptr, b_ptr, d_ptr, M, N, K, stride_am, stride_bn, stride_
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
-    d_ptrs = d_ptr + offs_m[:, None] * stride_dm + offs_n[None, :]
+    d_ptrs = d_ptr + offs_m.to(tl.int64)[:, None] * stride_dm + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(d_ptrs, acc.to(d_ptr.dtype.element_ty), mask=mask)
 

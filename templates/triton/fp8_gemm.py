@@ -42,7 +42,8 @@ CONSTRAINTS = (
 )
 
 # Measured with kernel_report at M=N=K=4096 (tests/kernels/test_reports_gemm.py): sm_90a 128x128, 8 warps,
-# 4 stages: 182 registers, 128 KiB shared, no spills, QGMMA (128x256 spilled 600 B); sm_100a: 168 registers, UTCQMMA.
+# 4 stages: 184 registers, 128 KiB shared, no spills, QGMMA (128x256 spilled 600 B); sm_100a: 168 registers, UTCQMMA;
+# sm_80 (fp16 upcast) 64x128, 4 warps: 252 registers, HMMA, no spills (128x128 with 8 warps spilled 28 B).
 DEFAULTS = {
     "sm80": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "SPLIT_K": 1, "UPCAST": 1,
              "num_warps": 4, "num_stages": 3},
@@ -83,8 +84,8 @@ def fp8_gemm_1d2d_kernel(a_ptr, b_ptr, d_ptr, sa_ptr, sb_ptr, M, N, K,
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_a = offs_m % M
-    rows_b = offs_n % N
+    rows_a = (offs_m % M).to(tl.int64)  # 64-bit row offsets: M * K or M * N may pass 2^31
+    rows_b = (offs_n % N).to(tl.int64)
     offs_k = k_lo * BLOCK_K + tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + rows_b[None, :] * stride_bn + offs_k[:, None]
@@ -117,7 +118,8 @@ def fp8_gemm_1d2d_kernel(a_ptr, b_ptr, d_ptr, sa_ptr, sb_ptr, M, N, K,
         sa_ptrs += stride_sak
         sb_ptrs += stride_sbk
 
-    d_ptrs = d_ptr + pid_k * stride_dsplit + offs_m[:, None] * stride_dm + offs_n[None, :]
+    d_rows = pid_k.to(tl.int64) * stride_dsplit + offs_m.to(tl.int64) * stride_dm
+    d_ptrs = d_ptr + d_rows[:, None] + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(d_ptrs, acc.to(d_ptr.dtype.element_ty), mask=mask)
 

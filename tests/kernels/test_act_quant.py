@@ -151,8 +151,10 @@ def test_fused_quant_rejects_bad_input():
         rmsnorm_act_quant(x, w, eps=0.0)
     with pytest.raises(ValueError, match="even"):
         silu_mul_act_quant(torch.randn(4, 255))
-    with pytest.raises(ValueError, match="config"):
-        act_quant(x, config={"BLOCK_M": 8})
+    with pytest.raises(ValueError, match="not in"):
+        act_quant(x, config={"BLOCK_Q": 8})
+    with pytest.raises(ValueError, match="constraints"):
+        act_quant(x, config={"BLOCK_M": 32, "num_warps": 1})
 
 
 def test_cpu_tensors_need_the_interpreter():

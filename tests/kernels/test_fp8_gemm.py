@@ -137,8 +137,12 @@ def test_fp8_gemm_rejects_bad_input():
         fp8_gemm(a, sa, b, sb, out=torch.empty(4, 71, dtype=torch.bfloat16))
     with pytest.raises(TypeError, match="out_dtype"):
         fp8_gemm(a, sa, b, sb, out_dtype=torch.int32)
-    with pytest.raises(ValueError, match="config"):
-        fp8_gemm(a, sa, b, sb, config={"BLOCK_M": 64})
+    with pytest.raises(ValueError, match="not in"):
+        fp8_gemm(a, sa, b, sb, config={"BLOCK_Q": 64})
+    with pytest.raises(ValueError, match="BLOCK_K == 128"):
+        fp8_gemm(a, sa, b, sb, config={"BLOCK_K": 64})
+    with pytest.raises(ValueError, match="SPLIT_K"):
+        fp8_gemm(a, sa, b, sb, config={"SPLIT_K": 4})
 
 
 def test_bf16_gemm_rejects_bad_input():
