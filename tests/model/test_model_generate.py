@@ -35,9 +35,9 @@ def test_eos_stops_and_is_not_returned(make_tiny):
 
 def test_sampling_is_seeded(make_tiny):
     model = make_tiny(seed=8)
-    a = generate(model, PROMPTS, max_new_tokens=6, temperature=1.0, seed=3)
-    b = generate(model, PROMPTS, max_new_tokens=6, temperature=1.0, seed=3)
-    c = generate(model, PROMPTS, max_new_tokens=6, temperature=1.0, seed=4)
+    a = generate(model, PROMPTS, max_new_tokens=4, temperature=1.0, seed=3)
+    b = generate(model, PROMPTS, max_new_tokens=4, temperature=1.0, seed=3)
+    c = generate(model, PROMPTS, max_new_tokens=4, temperature=1.0, seed=4)
     assert a == b and a != c
     assert all(0 <= t < 1024 for o in a for t in o)
     cold = generate(model, PROMPTS, max_new_tokens=3, temperature=1e-6, seed=3)
