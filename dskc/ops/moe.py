@@ -30,7 +30,7 @@ def _fail(msg: str, exc=ValueError):
     raise exc(msg)
 
 
-def _tensor(name: str, t, dtypes=None, ndim=None, shape=None):
+def _tensor(name: str, t, dtypes=None, ndim=None, shape=None, strided=False):
     if not isinstance(t, torch.Tensor):
         _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
     if dtypes is not None and t.dtype not in dtypes:
@@ -39,7 +39,7 @@ def _tensor(name: str, t, dtypes=None, ndim=None, shape=None):
         _fail(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if shape is not None and tuple(t.shape) != tuple(shape):
         _fail(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if not t.is_contiguous():
+    if not strided and not t.is_contiguous():
         _fail(f"{name} must be contiguous (call .contiguous())")
 
 
@@ -237,7 +237,8 @@ def grouped_gemm(a, sa, b, sb, out, *, m_indices=None, block_expert=None, align=
                  epilogue: str = "none", out_scale=None, row_weight=None, b_up=None, sb_up=None, config=None):
     """out[rows of expert e] = epilogue(A[rows] @ B[e]^T). FP8 1D2D when sa / sb are given, else bf16 / fp16.
 
-    a: [R, K] (contiguous) or [E, M_max, K] (masked); sa: [R, K/128] / [E, M_max, K/128] fp32 (fp8 only).
+    a: [R, K] (contiguous) or [E, M_max, K] (masked); sa: [R, K/128] / [E, M_max, K/128] fp32 (fp8 only; any
+    strides, e.g. DeepGEMM's MN-major scales).
     b: [E, N, K]; sb: [E, ceil(N/128), K/128] fp32. Exactly one expert map: m_indices [R] int32 (per row, -1 =
     padding row, not written), block_expert [R/align] int32 (per align-row block; BLOCK_M must divide align) or
     masked_m [E] int32 (rows per expert of the masked layout).
@@ -275,6 +276,7 @@ def grouped_gemm(a, sa, b, sb, out, *, m_indices=None, block_expert=None, align=
         sb_up if (fp8 and swiglu) else dummy, out, out_scale if out_scale is not None else dummy, eid,
         masked_m if masked else eid, row_weight if row_weight is not None else dummy,
         rows, n, k, m_max, b.stride(0), sb.stride(0) if fp8 else 0,
+        *(_sa_strides(sa, masked) if fp8 else (0, 0, 0)),
         FP8=int(fp8), MASKED=int(masked), ROWS_PER_ID=per_id, EPILOGUE=_gg.EPILOGUES[epilogue],
         ROW_WEIGHT=int(epilogue == "weight"), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], INTERP_FIX=int(knobs.get().triton_interpret), num_warps=cfg["num_warps"],
@@ -283,6 +285,11 @@ def grouped_gemm(a, sa, b, sb, out, *, m_indices=None, block_expert=None, align=
 
 
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _sa_strides(sa, masked):
+    """(expert, row, K-block) strides of the activation scales, which may be MN-major (DeepGEMM's TMA layout)."""
+    return (sa.stride(0), sa.stride(1), sa.stride(2)) if masked else (0, sa.stride(0), sa.stride(1))
 
 
 def _check_operands(a, sa, b, sb):
@@ -306,7 +313,7 @@ def _check_operands(a, sa, b, sb):
             _fail("fp8 operands need both sa and sb (give neither for bf16 / fp16)")
         if k % 128:
             _fail(f"fp8 grouped GEMM needs K % 128 == 0, got K={k}")
-        _tensor("sa", sa, (torch.float32,), shape=tuple(a.shape[:-1]) + (k // 128,))
+        _tensor("sa", sa, (torch.float32,), shape=tuple(a.shape[:-1]) + (k // 128,), strided=True)
         _tensor("sb", sb, (torch.float32,), shape=(e, triton.cdiv(n, 128), k // 128))
     return fp8, masked
 

@@ -1,10 +1,10 @@
 """Stem grouped_gemm: C[rows of expert e] = A[rows] @ B[e]^T for MoE experts, FP8 1D2D or bf16/fp16.
 
 Operands: A [R, K] (contiguous layout) or [E, M_MAX, K] (masked layout), B [E, N, K] (N-major, K contiguous).
-FP8 (FP8 = 1): A, B e4m3; sa [R, K/128] fp32 (1x128 per-row scales), sb [E, ceil(N/128), K/128] fp32 (128x128
-blocks). Each BLOCK_K (<= 128, dividing 128) slice of K goes to the tensor cores into a fresh fp32 partial that is
-scaled and added to the fp32 accumulator (promotion every 128 of K, REFERENCE.md section 2). FP8 = 0: bf16/fp16 A and
-B, plain fp32 accumulation. K % BLOCK_K == 0 (no K masks); rows start 16-byte aligned (K % 16 == 0).
+FP8 (FP8 = 1): A, B e4m3; sa [R, K/128] fp32 (1x128 per-row scales, any strides: DeepGEMM's MN-major too),
+sb [E, ceil(N/128), K/128] fp32 (128x128 blocks). Each BLOCK_K (dividing 128) slice of K goes to the tensor cores
+into a fresh fp32 partial that is scaled and added to the fp32 accumulator (promotion every BLOCK_K <= 128 of K,
+REFERENCE.md section 2). FP8 = 0: bf16/fp16 A and B, plain fp32 accumulation. K % BLOCK_K == 0 (no K masks); rows start 16-byte aligned (K % 16 == 0).
 
 Which expert a program multiplies:
   contiguous, ROWS_PER_ID = 1: DeepGEMM's m_indices, one expert id per row, -1 on padding rows; the program's
@@ -91,7 +91,8 @@ def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
     masked = problem["layout"] == "masked"
     sig = {"a_ptr": op, "sa_ptr": "*fp32", "b_ptr": op, "bu_ptr": op, "sb_ptr": "*fp32", "sbu_ptr": "*fp32",
            "c_ptr": out, "sc_ptr": "*fp32", "eid_ptr": "*i32", "mcount_ptr": "*i32", "rw_ptr": "*fp32",
-           "M": "i32", "N_OUT": "i32", "K": "i32", "M_MAX": "i32", "stride_be": "i32", "stride_sbe": "i32"}
+           "M": "i32", "N_OUT": "i32", "K": "i32", "M_MAX": "i32", "stride_be": "i32", "stride_sbe": "i32",
+           "stride_sae": "i32", "stride_sam": "i32", "stride_sak": "i32"}
     cx = {"FP8": int(fp8), "MASKED": int(masked), "ROWS_PER_ID": 1, "EPILOGUE": EPILOGUES[epi],
           "ROW_WEIGHT": int(epi == "weight"), "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
           "BLOCK_K": config["BLOCK_K"], "INTERP_FIX": 0}
@@ -137,7 +138,7 @@ def _scaled_dot(acc, a, b_ptrs, s_ab, FP8: tl.constexpr):
 
 @triton.jit
 def grouped_gemm_kernel(a_ptr, sa_ptr, b_ptr, bu_ptr, sb_ptr, sbu_ptr, c_ptr, sc_ptr, eid_ptr, mcount_ptr, rw_ptr,
-                        M, N_OUT, K, M_MAX, stride_be, stride_sbe,
+                        M, N_OUT, K, M_MAX, stride_be, stride_sbe, stride_sae, stride_sam, stride_sak,
                         FP8: tl.constexpr, MASKED: tl.constexpr, ROWS_PER_ID: tl.constexpr,
                         EPILOGUE: tl.constexpr, ROW_WEIGHT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -160,7 +161,11 @@ def grouped_gemm_kernel(a_ptr, sa_ptr, b_ptr, bu_ptr, sb_ptr, sbu_ptr, c_ptr, sc
     b_ptrs = tl.multiple_of(b_ptr + b_base + b_off, [16, 16])
     bu_ptrs = tl.multiple_of(bu_ptr + b_base + b_off, [16, 16])
     kb = K // 128
-    sa_ptrs = sa_ptr + row0_64 * kb + local_a * kb
+    if MASKED:  # sa may be strided (DeepGEMM's MN-major scales): index it by (expert, row in expert, K block)
+        sa_base = e.to(tl.int64) * stride_sae + (row0 - e * M_MAX).to(tl.int64) * stride_sam
+    else:
+        sa_base = row0_64 * stride_sam
+    sa_ptrs = sa_ptr + sa_base + local_a * stride_sam
     sb_ptrs = sb_ptr + e * stride_sbe + (pid_n * BLOCK_N // 128) * kb
     sbu_ptrs = sbu_ptr + e * stride_sbe + (pid_n * BLOCK_N // 128) * kb
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -170,7 +175,7 @@ def grouped_gemm_kernel(a_ptr, sa_ptr, b_ptr, bu_ptr, sb_ptr, sbu_ptr, c_ptr, sc
         s_g = 1.0
         s_u = 1.0
         if FP8:  # BLOCK_N divides 128: one weight scale per K step; one activation scale per row
-            s_a = tl.load(sa_ptrs + k // 128)
+            s_a = tl.load(sa_ptrs + (k // 128) * stride_sak)
             s_g = s_a[:, None] * tl.load(sb_ptrs + k // 128)
             if EPILOGUE > 0:
                 s_u = s_a[:, None] * tl.load(sbu_ptrs + k // 128)

@@ -91,6 +91,28 @@ def test_masked(fp8):
         assert out.cpu()[e, m:].isnan().all()
 
 
+def test_mn_major_activation_scales():
+    """DeepGEMM hands over sa MN-major (column-major, padded): the kernel reads it through its strides."""
+    E, M_max, N, K = 2, 21, 128, 256
+    masked_m = torch.tensor([21, 6], dtype=torch.int32)
+    (a, sa, b, sb), A, B = operands(True, (E, M_max), E, N, K, seed=8)
+    sa_mn = torch.full((E, K // 128, 24), float("nan"), device=DEV)
+    sa_mn[:, :, :M_max] = sa.transpose(1, 2)
+    sa_mn = sa_mn.transpose(1, 2)[:, :M_max]                    # [E, M_max, K/128], strides (72, 1, 24)
+    out = torch.full((E, M_max, N), float("nan"), dtype=HALF, device=DEV)
+    moe.grouped_gemm_masked(a, sa_mn, b, sb, masked_m.to(DEV), 16, out)
+    for e in range(E):
+        m = int(masked_m[e])
+        assert rel_err(out.cpu()[e, :m], A[e, :m] @ B[e].T) < 2e-3
+    m_idx = contiguous_indices([128, 28])
+    (a, sa, b, sb), A, B = operands(True, (len(m_idx),), E, N, K, seed=9)
+    out = torch.full((len(m_idx), N), float("nan"), dtype=HALF, device=DEV)
+    moe.grouped_gemm_contiguous(a, sa.t().contiguous().t(), b, sb, m_idx.to(DEV), out)
+    valid = m_idx >= 0
+    ref = torch.einsum("mk,mnk->mn", A[valid], B[m_idx[valid].long()])
+    assert rel_err(out.cpu()[valid], ref) < 2e-3
+
+
 def test_block_expert_with_row_weight():
     """dskc's own map (one expert per align-row block from moe_align) and the routed-weight epilogue."""
     T, E, top_k, N, K = 19, 5, 2, 136, 128
