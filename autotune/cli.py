@@ -2,7 +2,7 @@
 
     dskc tune --model NAME --target ARCH [--kernels a,b] [--trials N] [--workers K] [--storage URL]
               [--timing model|gpu|auto] [--sampler tpe|random|cmaes|gp|qmc] [--tokens 1,64,...]
-              [--problem JSON] [--seeds-from vllm.json]
+              [--problem JSON] [--seeds-from vllm.json] [--routing gate:<model>|recorded:<path>]
     dskc tune --export --target ARCH [--kernels ...] [--storage URL] [--out DIR]
     dskc tune --plot DIR --target ARCH [--kernels ...] [--storage URL]
 
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="tpe")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--seeds-from", help="vLLM/SGLang fused-MoE config JSON to seed studies with")
+    p.add_argument("--routing", help="MoE routing for GPU timing: gate:<model> (its gate on sample inputs) or "
+                                     "recorded:<path> (top-k ids of a real run); part of the study key")
     p.add_argument("--export", action="store_true", help="export winners to autotune/configs/<arch>/<stem>.json")
     p.add_argument("--out", help="export root (default: the package's autotune/configs)")
     p.add_argument("--plot", metavar="DIR", help="write optimisation-history and importance PNGs to DIR")
@@ -56,7 +58,8 @@ def main(argv=None) -> int:
             return _plot(args)
         return _tune(args)
     except (ValueError, KeyError, StorageError, RuntimeError) as exc:
-        print(f"dskc tune: error: {exc}", file=sys.stderr)
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"dskc tune: error: {msg}", file=sys.stderr)
         return 2
 
 
@@ -75,10 +78,10 @@ def _kernels(args) -> list[str]:
     from dskc.autotune.problems import BY_STEM
     from dskc.templates import registry
     if args.kernels:
+        from dskc.autotune.space import resolve_module
         names = [k.strip() for k in args.kernels.split(",") if k.strip()]
         for k in names:
-            if k not in registry.stems() and "." not in k:
-                raise KeyError(f"unknown kernel {k!r}; known stems: {registry.stems()}")
+            resolve_module(k)          # KeyError naming the known stems
         return names
     return [s for s in registry.stems() if s in BY_STEM]
 
@@ -109,8 +112,9 @@ def _tasks(args) -> list:
             imported = ()
             if args.seeds_from:
                 imported = tuple(seeds.imported_for(args.seeds_from, space, args.target, int(b.get("M", 1))))
+            routing = args.routing if args.routing and {"E"} <= set(b) else None
             tasks.append(Task(stem, b, args.target, args.storage, timing, args.sampler, args.seed, args.trials,
-                              imported_seeds=imported))
+                              imported_seeds=imported, routing=routing))
     if not tasks:
         raise ValueError("nothing to tune: no kernel/problem selected")
     return tasks
@@ -185,10 +189,16 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+def _stem_names(args) -> list[str] | None:
+    """STEM names of --kernels (a test module's name may differ from its STEM); None: every stem."""
+    from dskc.autotune.space import resolve_module
+    return [resolve_module(k).STEM for k in _kernels(args)] if args.kernels else None
+
+
 def _export(args) -> int:
     from dskc.autotune.export import export
     from dskc.autotune.storage import open_storage
-    kernels = _kernels(args) if args.kernels else None
+    kernels = _stem_names(args)
     for path in export(open_storage(args.storage), args.target, kernels, Path(args.out) if args.out else None):
         print(path)
     return 0
@@ -197,7 +207,7 @@ def _export(args) -> int:
 def _plot(args) -> int:
     from dskc.autotune.plot import plot_studies
     from dskc.autotune.storage import open_storage
-    kernels = _kernels(args) if args.kernels else None
+    kernels = _stem_names(args)
     for path in plot_studies(open_storage(args.storage), args.target, kernels, Path(args.plot)):
         print(path)
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import optuna
@@ -31,7 +32,9 @@ def plot_studies(storage, arch, stems, out_dir: Path) -> list[Path]:
         if res.counts.get("COMPLETE", 0) >= 2:
             plots.append(("importance", ovm.plot_param_importances))
         for name, fn in plots:
-            ax = fn(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ax = fn(study)
             ax.set_title(f"{res.study_name} ({res.key['timing_mode']})", fontsize=7)
             path = out_dir / f"{stem}-{name}.png"
             ax.figure.savefig(path, dpi=80, bbox_inches="tight")

@@ -4,11 +4,11 @@ Inputs: the KernelReports of the compiled config (registers, shared memory, tens
 sizes, the problem's (flops, bytes) from the stem's cost(), and the arch's ceilings (autotune/hardware.py).
 
     blocks/SM   = min(regs_per_sm // (regs * threads), smem_per_sm // shared, max_threads // threads, max_blocks)
-    grid        = prod(ceil(P_f / BLOCK_f) for tiled fields f) * prod(batch fields)
+    grid        = prod(ceil(P_f / BLOCK_f) for tiled fields f) * prod(batch fields) * split-K
     padding     = prod(ceil(P_f / BLOCK_f) * BLOCK_f) / prod(P_f)       (work done on padded tiles)
     waves       = ceil(grid / (SMs * blocks/SM)); wave_eff = grid / (waves * SMs * blocks/SM)
     compute     = flops * padding / (peak(tensor-core ops) * wave_eff * mma_eff(tile))
-    memory      = bytes / (HBM * min(1, bytes_in_flight / (HBM * latency / SMs)) * sm_fill)
+    memory      = (bytes + split-K partials) / (HBM * min(1, bytes_in_flight / (HBM * latency / SMs)) * sm_fill)
     time        = max(compute, memory) + launch + per-wave tail
 
 The terms are simple on purpose; they rank candidates and are labelled timing_mode "model" wherever they go.
@@ -39,7 +39,13 @@ def grid_and_padding(space, problem: dict, config: dict) -> tuple[int, float]:
         real *= max(1, size)
     for field in space.data.get("batch", ()):
         grid *= max(1, int(problem[field]))
-    return grid, padded / real
+    return grid * _split(space, config), padded / real
+
+
+def _split(space, config: dict) -> int:
+    """Split-K / num-splits factor: the data's "split" parameter (default SPLIT_K when the space has it)."""
+    name = space.data.get("split", "SPLIT_K" if "SPLIT_K" in space.names else None)
+    return int(config[name]) if name else 1
 
 
 def _peak(reports, hw: Hardware) -> float:
@@ -82,6 +88,12 @@ def estimate(space, problem: dict, config: dict, reports: list, hw: Hardware) ->
     in_flight = occ * main.shared_bytes * max(1, stages - 1) / max(1, stages)
     need = hw.hbm_bytes_per_s * hw.latency_s / hw.sms
     bw = hw.hbm_bytes_per_s * min(1.0, max(in_flight, 1024) / need) * sm_fill
+    split = _split(space, config)
+    if split > 1:   # fp32 partials written and read back once per split
+        outputs = 1
+        for field in _tile_fields(space, problem):
+            outputs *= int(problem[field])
+        nbytes += 8.0 * outputs * split
     memory = nbytes / bw
     tail = waves * 1e-7
     return {"time_s": max(compute, memory) + hw.launch_s + tail, "compute_s": compute, "memory_s": memory,

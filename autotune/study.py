@@ -61,6 +61,7 @@ class Task:
     imported_seeds: tuple = ()   # configs from vLLM/SGLang files (already mapped onto the space)
     heartbeat_s: int = 5
     grace_s: int = 20
+    routing: str | None = None   # MoE routing for GPU runs: "gate:<model>" or "recorded:<path>" (see routing.py)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -73,14 +74,36 @@ class Task:
         return Task(**raw)
 
 
-def make_timer(mode: str):
-    """'model' -> the roofline MODEL; 'gpu' -> CUDA-event timing (needs a GPU; clear error without one)."""
+def make_timer(mode: str, routing: dict | None = None):
+    """'model' -> the roofline MODEL; 'gpu' -> CUDA-graph timing (needs a GPU; clear error without one)."""
     if mode == "model":
         return ModelTimer()
     if mode == "gpu":
         from dskc.autotune.gpu import GpuTimer
-        return GpuTimer.create()
+        return GpuTimer.create(routing=routing)
     raise ValueError(f"unknown timing {mode!r}; expected 'model' or 'gpu'")
+
+
+def resolve_routing(spec: str | None, problem: dict) -> dict | None:
+    """{"ids": [[...]], "signature": str} for "gate:<model>" (the model's gate on seeded sample inputs) or
+    "recorded:<path>" (top-k ids from a real run); None for None."""
+    if spec is None:
+        return None
+    import torch
+    from dskc.autotune import routing
+    kind, _, arg = spec.partition(":")
+    if kind == "recorded":
+        ids = routing.recorded_topk(arg)
+        n_experts = int(problem.get("E", int(ids.max()) + 1))
+    elif kind == "gate":
+        from dskc.model import get_config
+        args = get_config(arg)
+        tokens = int(problem.get("T", max(1, int(problem.get("M", 1)) // args.n_activated_experts)))
+        hidden = torch.randn(tokens, args.dim, generator=torch.Generator().manual_seed(0))
+        ids, n_experts = routing.gate_topk(args, hidden), args.n_routed_experts
+    else:
+        raise ValueError(f"routing {spec!r}: expected 'gate:<model>' or 'recorded:<path>'")
+    return {"ids": ids.tolist(), "signature": routing.signature(ids, n_experts, kind)}
 
 
 def make_key(task: Task, timer) -> StudyKey:
@@ -91,8 +114,11 @@ def make_key(task: Task, timer) -> StudyKey:
     specs = space.module.compile_specs(prob, default)
     dtype = next((t.lstrip("*") for _, t in specs[0].signature if t.startswith("*")), "none") if specs else "none"
     tools = toolchain() + (("cuda", _cuda_version()),)
+    extras = tuple(tuple(x) for x in task.extras)
+    if task.routing is not None:
+        extras += (("routing", resolve_routing(task.routing, prob)["signature"]),)
     return StudyKey(space.stem, arch.name, dtype, tuple(bucket(space, prob).items()), tools, timer.mode,
-                    space.template_hash(), tuple(tuple(x) for x in task.extras))
+                    space.template_hash(), extras)
 
 
 def _cuda_version() -> str:
@@ -115,7 +141,7 @@ def make_sampler(name: str, seed: int | None):
 
 
 def _load(task: Task, create: bool):
-    timer = make_timer(task.timing)
+    timer = make_timer(task.timing, resolve_routing(task.routing, task.problem) if task.timing == "gpu" else None)
     key = make_key(task, timer)
     storage = open_storage(task.storage, task.heartbeat_s, task.grace_s)
     sampler = make_sampler(task.sampler, task.seed)
