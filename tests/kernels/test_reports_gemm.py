@@ -2,7 +2,7 @@
 
 Figures at M = N = K = 4096 (triton 3.9, ptxas from the wheel), recorded in the stems' DEFAULTS comments:
 fp8_gemm_1d2d sm_90a 184 registers QGMMA, sm_100a 168 UTCQMMA, sm_80 252 HMMA (fp16 upcast);
-bf16_gemm sm_90a 122 HGMMA, sm_100a 82 UTCHMMA, sm_80 188 HMMA; act_quant kernels 40-56 registers.
+bf16_gemm sm_90a 101 HGMMA, sm_100a 82 UTCHMMA, sm_80 176 HMMA; act_quant kernels 40-56 registers.
 """
 import pytest
 
