@@ -211,3 +211,23 @@ def launch_silu_mul_quant(gate_up, q, s, ue8m0: bool, config: dict) -> None:
     silu_mul_quant_kernel[grid](gate_up, _bits(q), s, M, inter, gate_up.stride(0), q.stride(0),
                                 s.stride(0), BLOCK_M=config["BLOCK_M"], UE8M0=int(ue8m0),
                                 num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def runner(problem: dict, config: dict, device: str, routing=None) -> dict:
+    """The autotuner's GPU runner (autotune/gpu.py contract) for the plain kernel: x [M, K] bf16 -> (q, s).
+
+    output is the dequantised q * s, reference the input itself. `routing` is unused.
+    """
+    import torch
+
+    M, K = problem["M"], problem["K"]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=gen).to(torch.bfloat16).to(device)
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=device)
+    s = torch.full((M, triton.cdiv(K, 128)), float("nan"), dtype=torch.float32, device=device)
+
+    def output():
+        return q.float() * s.repeat_interleave(128, dim=1)[:, :K]
+
+    return {"launch": lambda: launch_act_quant(x, q, s, False, config), "output": output,
+            "reference": lambda: x.float(), "min_cos": 0.999}

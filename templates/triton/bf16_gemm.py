@@ -104,3 +104,18 @@ def launch(a, b, out, config: dict) -> None:
     bf16_gemm_kernel[grid](a, b, out, M, N, K, a.stride(0), b.stride(0), out.stride(0),
                            **{name: config[name] for name in _CONSTEXPRS}, EVEN_K=int(K % config["BLOCK_K"] == 0),
                            num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def runner(problem: dict, config: dict, device: str, routing=None) -> dict:
+    """The autotuner's GPU runner (autotune/gpu.py contract): random operands for `problem`.
+
+    bf16 on CUDA; fp16 elsewhere (the interpreter's tl.dot is wrong on bf16). `routing` is unused.
+    """
+    M, N, K = problem["M"], problem["N"], problem["K"]
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float16
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(M, K, generator=gen).to(dtype).to(device)
+    b = torch.randn(N, K, generator=gen).to(dtype).to(device)
+    out = torch.full((M, N), float("nan"), dtype=dtype, device=device)  # unwritten shows
+    return {"launch": lambda: launch(a, b, out, config), "output": lambda: out,
+            "reference": lambda: a.float() @ b.float().T, "min_cos": 0.9999}

@@ -158,3 +158,25 @@ def launch(a, sa, b, sb, out, config: dict) -> None:
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     if split > 1:
         torch.sum(target, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(target.sum(dim=0))
+
+
+def runner(problem: dict, config: dict, device: str, routing=None) -> dict:
+    """The autotuner's GPU runner (autotune/gpu.py contract): random e4m3 operands and scales for `problem`.
+
+    Returns launch / output / reference (fp32 dequantised matmul on `device`) / min_cos. `routing` is unused.
+    """
+    M, N, K = problem["M"], problem["N"], problem["K"]
+    gen = torch.Generator().manual_seed(0)
+    a = (torch.randn(M, K, generator=gen) * 0.5).to(torch.float8_e4m3fn).to(device)
+    b = (torch.randn(N, K, generator=gen) * 0.5).to(torch.float8_e4m3fn).to(device)
+    sa = (torch.rand(M, K // 128, generator=gen) + 0.5).to(device)
+    sb = (torch.rand(triton.cdiv(N, 128), K // 128, generator=gen) + 0.5).to(device)
+    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=device)  # unwritten shows
+
+    def reference():
+        a32 = a.float() * sa.repeat_interleave(128, dim=1)
+        b32 = b.float() * sb.repeat_interleave(128, dim=0)[:N].repeat_interleave(128, dim=1)
+        return a32 @ b32.T
+
+    return {"launch": lambda: launch(a, sa, b, sb, out, config), "output": lambda: out, "reference": reference,
+            "min_cos": 0.999}

@@ -189,3 +189,17 @@ def test_bf16_gemm_gpu(M, N, K):
     out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
     bf16_gemm(a, b, out=out)
     assert rel_err(out, a.double().cpu() @ b.double().cpu().T) < 1e-2
+
+
+@pytest.mark.parametrize("stem,problem", [("fp8_gemm_1d2d", {"M": 37, "N": 200, "K": 256}),
+                                          ("bf16_gemm", {"M": 37, "N": 72, "K": 200}),
+                                          ("act_quant", {"M": 37, "K": 200})])
+def test_autotune_runners(stem, problem):
+    """The runner each stem offers the GPU autotuner (autotune/gpu.py) launches and matches its reference."""
+    from dskc.templates import registry
+    mod = registry.get(stem)
+    parts = mod.runner(problem, dict(mod.DEFAULTS["sm90"]), DEV)
+    parts["launch"]()
+    out, ref = parts["output"]().double().flatten().cpu(), parts["reference"]().double().flatten().cpu()
+    assert torch.isfinite(out).all()
+    assert torch.nn.functional.cosine_similarity(out, ref, dim=0) > parts["min_cos"]
