@@ -21,10 +21,11 @@ from dskc.autotune.hardware import FP8_OPS, HALF_OPS, Hardware
 
 
 def _tile_fields(space, problem: dict) -> dict:
-    """problem field -> config block-size name, from the data's "tiles" or the BLOCK_<field> convention."""
+    """problem field -> config block-size name, from the data's "tiles" or the BLOCK_<field> convention (every
+    field but K, the reduction, which the grid does not span)."""
     tiles = space.data.get("tiles")
     if tiles is None:
-        tiles = {f: f"BLOCK_{f}" for f in problem if f"BLOCK_{f}" in space.names}
+        tiles = {f: f"BLOCK_{f}" for f in problem if f != "K" and f"BLOCK_{f}" in space.names}
     return {f: b for f, b in tiles.items() if f in problem}
 
 

@@ -5,7 +5,7 @@ The stem module (templates/triton/<stem>.py) declares SPACE, CONSTRAINTS and DEF
 
     {"buckets":  {"M": "pow2"},               # problem field -> "pow2" (round up to a power of two) | "exact"
      "tiles":    {"M": "BLOCK_M"},            # problem field -> config block size (grid + padding, MODEL only);
-                                              # default: BLOCK_<field> when the space has it
+                                              # default: BLOCK_<field> when the space has it, K excepted
      "batch":    ["E"],                       # problem fields that multiply the grid (MODEL only)
      "encoding": "ordinal",                   # numeric spaces are searched by index (ordered) or "categorical"
      "known_good": {"sm90": [{...}, ...]},    # seeds enqueued after the per-arch default

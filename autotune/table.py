@@ -33,7 +33,8 @@ def candidates(space, problem: dict, restrict: dict) -> list[dict]:
 
 
 def build_table(stem: str, arch: str, problem: dict, restrict: dict, batch: int = 16) -> dict:
-    """{"stem", "arch", "problem", "restrict", "timing_mode": "model", "rows": [{"config", "value", "reason"}]}."""
+    """{"stem", "arch", "problem", "restrict", "timing_mode": "model", "template_hash", "space" (the searched
+    params and values), "default" (the per-arch default), "rows": [{"config", "value", "reason"}]}."""
     space = load_space(stem)
     configs = candidates(space, problem, restrict)
     for i in range(0, len(configs), batch):    # warm the cache in batches (one compiler process per batch)
@@ -50,8 +51,10 @@ def build_table(stem: str, arch: str, problem: dict, restrict: dict, batch: int 
             continue
         value = None if reason else estimate(space, problem, cfg, reports, hardware(arch))["time_s"]
         rows.append({"config": cfg, "value": value, "reason": reason})
+    params = [[n, [v for v in space.values(n) if n not in restrict or v in restrict[n]]] for n in space.names]
     return {"stem": stem, "arch": arch, "problem": problem, "restrict": restrict, "timing_mode": "model",
-            "rows": rows}
+            "template_hash": space.template_hash(), "space": params,
+            "default": default_config(space, arch), "rows": rows}
 
 
 def main(argv=None) -> int:

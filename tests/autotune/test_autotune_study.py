@@ -103,3 +103,68 @@ def test_bad_inputs(tmp_path):
         open_storage(str(blocker / "sub" / "t.db"))
     with pytest.raises(ValueError, match="unknown sampler"):
         prepare(_task(tmp_path, sampler="annealing"))
+
+
+def test_compile_check_prunes_shared_memory_and_lost_tensor_cores(monkeypatch):
+    import dataclasses as dc
+
+    from dskc.autotune import objective
+    from dskc.autotune.hardware import hardware
+    space = load_space("probe_stem")
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}   # 8192 B, HGMMA
+    reports, reason = objective.compile_check(space, PROBLEM, cfg, "sm90a", None)
+    assert reason is None and reports[0].shared_bytes == 8192 and "HGMMA" in reports[0].tensor_core_ops
+    _, reason = objective.compile_check(space, PROBLEM, cfg, "sm90a", (("QGMMA",),))
+    assert reason.startswith("lost tensor cores")                      # fp8 default, 16-bit config
+    _, reason = objective.compile_check(space, PROBLEM, cfg, "sm90a", (("HMMA",),))
+    assert reason is None                                              # mma.sync and wgmma rank alike
+    small = dc.replace(hardware("sm90a"), smem_per_block=4096)
+    monkeypatch.setattr(objective, "hardware", lambda arch: small)
+    _, reason = objective.compile_check(space, PROBLEM, cfg, "sm90a", None)
+    assert reason == "shared: 8192 B > 4096 B in probe_dot_kernel[BK=32,BM=64,BN=32;w8s2]"
+
+
+def test_roofline_terms_by_hand():
+    from types import SimpleNamespace
+
+    from dskc.autotune.hardware import hardware
+    from dskc.autotune.roofline import blocks_per_sm, estimate, grid_and_padding
+    space = load_space("probe_stem")
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
+    grid, padding = grid_and_padding(space, {"M": 100, "N": 70, "K": 64}, cfg)
+    assert grid == 2 * 3 and padding == pytest.approx((128 * 96) / (100 * 70))
+    rep = SimpleNamespace(registers=128, shared_bytes=65536, tensor_core_ops=("HGMMA",))
+    hw = hardware("sm90a")
+    assert blocks_per_sm(rep, 8, hw) == 2                              # 65536 regs / (128 * 256); smem allows 3
+    big = {"M": 64 * 132 * 2, "N": 32, "K": 8192}                     # exactly 2 blocks on every SM: one wave
+    terms = estimate(space, big, cfg, [rep], hw)
+    assert terms["waves"] == 1 and terms["wave_eff"] == 1.0 and terms["padding"] == 1.0
+    flops = 2.0 * big["M"] * 32 * 8192
+    assert terms["compute_s"] == pytest.approx(flops / (hw.peak_16bit * (64 * 32 / 128 ** 2) ** 0.5))
+    assert terms["time_s"] >= max(terms["compute_s"], terms["memory_s"])
+    fp32 = estimate(space, big, cfg, [SimpleNamespace(registers=128, shared_bytes=65536, tensor_core_ops=())], hw)
+    assert fp32["compute_s"] == pytest.approx(terms["compute_s"] * hw.peak_16bit / hw.peak_fp32)
+
+
+def test_lookup_takes_the_nearest_bucket_and_checks_constraints(tmp_path):
+    from dskc.select.tuned import current_toolchain
+    tools = current_toolchain()
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "SPLIT_K": 1, "UPCAST": 0,
+           "num_warps": 8, "num_stages": 3}
+    def entry(m, **over):
+        return {"bucket": {"M": m, "N": 7168, "K": 2048}, "config": {**cfg, **over},
+                "meta": {"toolchain": tools, "timing_mode": "model", "gpu": "none (model)", "date": "2026-11-23"}}
+    doc = {"format": 1, "stem": "fp8_gemm_1d2d", "arch": "sm90a", "buckets": {"M": "pow2", "N": "exact",
+                                                                               "K": "exact"},
+           "entries": {"a": entry(16, BLOCK_M=16), "b": entry(256, BLOCK_M=128), "c": entry(64, SPLIT_K=32)}}
+    path = tmp_path / "sm90a" / "fp8_gemm_1d2d.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(doc))
+    look = lambda m: tuned.lookup("fp8_gemm_1d2d", "sm90a", {"M": m, "N": 7168, "K": 2048}, root=tmp_path)  # noqa
+    assert look(40)[0]["BLOCK_M"] == 16          # log2 distance 1.3 to 16, 2.7 to 256; "c" breaks SPLIT_K <= K/128
+    assert look(200)[0]["BLOCK_M"] == 128 and look(200)[1] == f"tuned:{path}"
+    assert look(1)[0]["BLOCK_M"] == 16
+    doc["entries"]["a"]["bucket"] = {"M": 16}
+    path.write_text(json.dumps(doc))
+    with pytest.raises(tuned.TunedFileError, match="bucket fields differ"):
+        look(40)
