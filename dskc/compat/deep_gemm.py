@@ -107,16 +107,22 @@ def _pair(name: str, pair):
     return pair
 
 
-def fp8_gemm_nt(a, b, d: torch.Tensor, c: torch.Tensor | None = None, recipe=None) -> None:
+def _check_recipe(recipe) -> None:
+    if recipe not in (None, (1, 128, 128)):
+        raise ValueError(f"dskc supports the 1D2D recipe (1, 128, 128) only, got {recipe}")
+
+
+def fp8_gemm_nt(a, b, d: torch.Tensor, c: torch.Tensor | None = None, recipe=None, compiled_dims: str = "nk",
+                disable_ue8m0_cast: bool = False) -> None:
     """d[M, N] = a @ b^T for a = (a [M, K] e4m3, sa [M, K/128]), b = (b [N, K] e4m3, sb [ceil(N/128), K/128]).
 
     d is bf16 (or fp32) and is written in place. `c` (accumulate into) is not supported; recipe must be None or
-    (1, 128, 128).
+    (1, 128, 128). compiled_dims (a JIT hint) and disable_ue8m0_cast (dskc never casts scales) are accepted and
+    change nothing.
     """
     if c is not None:
         raise NotImplementedError("fp8_gemm_nt with an accumulator c is not supported by dskc")
-    if recipe not in (None, (1, 128, 128)):
-        raise ValueError(f"dskc supports the 1D2D recipe (1, 128, 128) only, got {recipe}")
+    _check_recipe(recipe)
     (qa, sa), (qb, sb) = _pair("a", a), _pair("b", b)
     _fp8.fp8_gemm(qa, sa, qb, sb, out=d, out_dtype=d.dtype)
 
@@ -128,25 +134,35 @@ def bf16_gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Ten
     _fp8.bf16_gemm(a, b, out=d)
 
 
-def m_grouped_fp8_gemm_nt_contiguous(a, b, d: torch.Tensor, m_indices: torch.Tensor) -> None:
+def m_grouped_fp8_gemm_nt_contiguous(a, b, d: torch.Tensor, m_indices: torch.Tensor, recipe=None,
+                                     compiled_dims: str = "nk", disable_ue8m0_cast: bool = False,
+                                     use_psum_layout: bool = False) -> None:
     """Grouped GEMM, contiguous layout: rows of a (aligned per group to 128) use weight group m_indices[row].
 
     a = (a [M, K] e4m3, sa [M, K/128]); b = (b [G, N, K] e4m3, sb [G, ceil(N/128), K/128]); d [M, N] bf16;
     m_indices [M] int32, -1 for padding rows (left unwritten). Delegates to dskc.ops.moe.grouped_gemm_contiguous.
+    The prefix-sum layout (use_psum_layout=True) is not supported; compiled_dims / disable_ue8m0_cast change nothing.
     """
     from dskc.ops import moe
+
+    if use_psum_layout:
+        raise NotImplementedError("m_grouped_fp8_gemm_nt_contiguous(use_psum_layout=True) is not supported by dskc")
+    _check_recipe(recipe)
 
     (qa, sa), (qb, sb) = _pair("a", a), _pair("b", b)
     moe.grouped_gemm_contiguous(qa, sa, qb, sb, m_indices, d)
 
 
-def m_grouped_fp8_gemm_nt_masked(a, b, d: torch.Tensor, masked_m: torch.Tensor, expected_m: int) -> None:
+def m_grouped_fp8_gemm_nt_masked(a, b, d: torch.Tensor, masked_m: torch.Tensor, expected_m: int, recipe=None,
+                                 compiled_dims: str = "nk", disable_ue8m0_cast: bool = False) -> None:
     """Grouped GEMM, masked layout: a [G, M_max, K] x b [G, N, K] -> d [G, M_max, N], group g's first masked_m[g] rows.
 
     a = (a, sa [G, M_max, K/128]); b = (b, sb [G, ceil(N/128), K/128]); masked_m [G] int32 on the device (CUDA graph
     friendly); expected_m is a hint for the tile choice. Delegates to dskc.ops.moe.grouped_gemm_masked.
     """
     from dskc.ops import moe
+
+    _check_recipe(recipe)
 
     (qa, sa), (qb, sb) = _pair("a", a), _pair("b", b)
     moe.grouped_gemm_masked(qa, sa, qb, sb, masked_m, expected_m, d)
