@@ -6,6 +6,7 @@ TypeError / ValueError naming the problem. Tensors must be CUDA tensors, or CPU 
 """
 from __future__ import annotations
 
+import importlib
 from types import SimpleNamespace
 
 import torch
@@ -31,6 +32,12 @@ def _family(device: torch.device) -> str:
 
 
 _TUNED_ARCH = {"sm80": "sm80", "sm90": "sm90a", "sm100": "sm100a"}
+# stem -> its template module (imported directly: registry.get scans the package on every call)
+_MODULES = {"act_quant": "act_quant", "fp8_gemm_1d2d": "fp8_gemm", "bf16_gemm": "bf16_gemm"}
+
+
+def _template(stem: str):
+    return importlib.import_module(f"dskc.templates.triton.{_MODULES[stem]}")
 
 
 def _config(stem: str, device: torch.device, config: dict | None, problem: dict) -> dict:
@@ -42,7 +49,7 @@ def _config(stem: str, device: torch.device, config: dict | None, problem: dict)
     """
     from dskc.templates import registry
 
-    mod = registry.get(stem)
+    mod = _template(stem)
     family = _family(device)
     base = None
     if device.type == "cuda":
@@ -120,8 +127,7 @@ def act_quant(x: torch.Tensor, block: int = BLOCK, ue8m0: bool = False, config: 
     cfg = _config("act_quant", device, config, {"M": x2.shape[0], "K": x2.shape[1]})
     q, s = _empty_quant(x2, x.shape[-1])
     if x2.numel():
-        from dskc.templates.triton import act_quant as tpl
-        tpl.launch_act_quant(x2, q, s, ue8m0, cfg)
+        _template("act_quant").launch_act_quant(x2, q, s, ue8m0, cfg)
     return q.view(x.shape), s.view(*x.shape[:-1], s.shape[-1])
 
 
@@ -152,8 +158,7 @@ def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, 
     q, s = _empty_quant(x2, x.shape[-1])
     h = torch.empty_like(x2) if residual is not None else None
     if x2.numel():
-        from dskc.templates.triton import act_quant as tpl
-        tpl.launch_rmsnorm_quant(x2, r2, weight, eps, q, s, h, ue8m0, cfg)
+        _template("act_quant").launch_rmsnorm_quant(x2, r2, weight, eps, q, s, h, ue8m0, cfg)
     outs = (q.view(x.shape), s.view(*x.shape[:-1], s.shape[-1]))
     return outs if residual is None else outs + (h.view(x.shape),)
 
@@ -172,8 +177,7 @@ def silu_mul_act_quant(gate_up: torch.Tensor, ue8m0: bool = False, config: dict 
     cfg = _config("act_quant", device, config, {"M": g2.shape[0], "K": inter})
     q, s = _empty_quant(g2, inter)
     if g2.numel():
-        from dskc.templates.triton import act_quant as tpl
-        tpl.launch_silu_mul_quant(g2, q, s, ue8m0, cfg)
+        _template("act_quant").launch_silu_mul_quant(g2, q, s, ue8m0, cfg)
     lead = gate_up.shape[:-1]
     return q.view(*lead, inter), s.view(*lead, s.shape[-1])
 
@@ -223,8 +227,7 @@ def fp8_gemm(a, sa, b, sb, out=None, out_dtype: torch.dtype = torch.bfloat16, co
     _check_out(out, (M, N), _OUT_DTYPES, device)
     if M and N and a.shape[1]:
         cfg = _config("fp8_gemm_1d2d", device, config, {"M": M, "N": N, "K": a.shape[1]})
-        from dskc.templates.triton import fp8_gemm as tpl
-        tpl.launch(a, sa, b, sb, out, cfg)
+        _template("fp8_gemm_1d2d").launch(a, sa, b, sb, out, cfg)
     elif M and N:
         out.zero_()
     return out
@@ -251,8 +254,7 @@ def bf16_gemm(a, b, out=None, config: dict | None = None):
     _check_out(out, (M, N), (a.dtype,), device)
     if M and N and a.shape[1]:
         cfg = _config("bf16_gemm", device, config, {"M": M, "N": N, "K": a.shape[1]})
-        from dskc.templates.triton import bf16_gemm as tpl
-        tpl.launch(a, b, out, cfg)
+        _template("bf16_gemm").launch(a, b, out, cfg)
     elif M and N:
         out.zero_()
     return out
