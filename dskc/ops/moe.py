@@ -308,6 +308,8 @@ def _check_operands(a, sa, b, sb):
         _fail(f"a ({a.dtype}) and b ({b.dtype}) must have the same dtype", TypeError)
     if masked and a.shape[0] != e:
         _fail(f"masked a has {a.shape[0]} experts, b has {e}")
+    if a.data_ptr() % 16 or b.data_ptr() % 16 or k % 16:
+        _fail(f"a and b must start 16-byte aligned with K % 16 == 0 (the kernel's vector loads), got K={k}")
     if fp8:
         if sa is None or sb is None:
             _fail("fp8 operands need both sa and sb (give neither for bf16 / fp16)")

@@ -118,7 +118,7 @@ def test_fused_moe_matches_block(fp8, T, E, top_k, n_groups, n_limited, score_fu
     ref, _ = reference(x, gw, bias, ref_w, ref_sh, fp8, route)
     assert out.dtype == x.dtype and out.shape == x.shape
     err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
-    assert err < (2e-2 if fp8 else 5e-3), err
+    assert err < (2e-2 if fp8 else 5e-3 if INTERP else 1e-2), err   # bf16 intermediates on a GPU
 
 
 def test_fused_moe_all_tokens_on_one_expert():
@@ -130,7 +130,7 @@ def test_fused_moe_all_tokens_on_one_expert():
     out = moe.fused_moe(x, gw, bias, w13, s13, w2, s2, config={"align": 32}, **route)
     ref, ids = reference(x, gw, bias, ref_w, None, False, route)
     assert (ids == 2).all()
-    assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < 5e-3
+    assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < (5e-3 if INTERP else 1e-2)
 
 
 def test_fused_moe_rejects_bad_input():
@@ -160,3 +160,48 @@ def test_fused_moe_rejects_bad_input():
         moe.fused_moe(x.float(), gw, bias, w13h, None, w2h, None, **route)
     with pytest.raises(ValueError, match="only for e4m3"):
         moe.fused_moe(x, gw, bias, w13h, s13, w2h, None, **route)
+
+
+GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available() or INTERP,
+                              reason="GPU tier: needs a CUDA GPU and TRITON_INTERPRET unset")
+
+
+@pytest.mark.gpu
+@GPU_ONLY
+@pytest.mark.parametrize("fp8", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "masked"])
+def test_fused_moe_gpu_v3_gate(fp8, layout):
+    """Larger shapes with DeepSeek-V3's gate (sigmoid, bias, 8 groups keep 4, top-8, route_scale 2.5) in bf16."""
+    T, E, D, I = 333 if layout == "contiguous" else 24, 32, 1024, 256
+    x, gw, bias, (w13, s13, w2, s2), shared, ref_w, ref_sh = make_case(fp8, T, E, D, I, 8, True, True, seed=11)
+    route = dict(top_k=8, n_groups=8, n_limited_groups=4, score_func="sigmoid", route_scale=2.5)
+    out = moe.fused_moe(x, gw, bias, w13, s13, w2, s2, shared=shared, config={"layout": layout}, **route)
+    ref, _ = reference(x, gw, bias, ref_w, ref_sh, fp8, route)
+    err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
+    assert err < 2e-2, err   # bf16 output and bf16 intermediates (h, per-expert y) on top of the fp8 recipe
+
+
+@pytest.mark.gpu
+@GPU_ONLY
+def test_fused_moe_masked_replays_in_a_cuda_graph():
+    """The masked layout needs no host sync: capture once, replay on new tokens, match the reference."""
+    T, E, D, I = 8, 16, 256, 128
+    x, gw, bias, (w13, s13, w2, s2), shared, ref_w, ref_sh = make_case(True, T, E, D, I, 4, True, True, seed=12)
+    route = dict(top_k=4, n_groups=4, n_limited_groups=2, score_func="sigmoid", route_scale=2.5)
+    call = lambda: moe.fused_moe(static_x, gw, bias, w13, s13, w2, s2, shared=shared,  # noqa: E731
+                                 config={"layout": "masked"}, **route)
+    static_x = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()                                  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = call()
+    new_x = (torch.randn(T, D, device=DEV) * 1.5).to(HALF)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref, _ = reference(new_x, gw, bias, ref_w, ref_sh, True, route)
+    assert ((static_out.cpu().double() - ref).norm() / ref.norm()).item() < 2e-2

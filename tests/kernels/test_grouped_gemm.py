@@ -13,6 +13,7 @@ INTERP = knobs.get().triton_interpret
 DEV = "cuda" if torch.cuda.is_available() and not INTERP else "cpu"
 HALF = torch.float16 if INTERP else torch.bfloat16   # the interpreter's bf16 tl.dot is wrong (triton #11584)
 FP8 = torch.float8_e4m3fn
+TOL = 2e-3 if INTERP else 5e-3   # fp16 outputs under the interpreter, bf16 (8-bit mantissa) on a GPU
 
 
 def quant_rows(x):
@@ -73,7 +74,7 @@ def test_contiguous_m_indices(fp8):
     moe.grouped_gemm_contiguous(a, sa, b, sb, m_idx.to(DEV), out)
     valid = m_idx >= 0
     ref = torch.einsum("mk,mnk->mn", A[valid], B[m_idx[valid].long()])
-    assert rel_err(out.cpu()[valid], ref) < 2e-3
+    assert rel_err(out.cpu()[valid], ref) < TOL
     assert out.cpu()[~valid].isnan().all()           # padding rows are left alone
 
 
@@ -87,7 +88,7 @@ def test_masked(fp8):
     for e in range(E):
         m = int(masked_m[e])
         if m:
-            assert rel_err(out.cpu()[e, :m], A[e, :m] @ B[e].T) < 2e-3
+            assert rel_err(out.cpu()[e, :m], A[e, :m] @ B[e].T) < TOL
         assert out.cpu()[e, m:].isnan().all()
 
 
@@ -103,14 +104,14 @@ def test_mn_major_activation_scales():
     moe.grouped_gemm_masked(a, sa_mn, b, sb, masked_m.to(DEV), 16, out)
     for e in range(E):
         m = int(masked_m[e])
-        assert rel_err(out.cpu()[e, :m], A[e, :m] @ B[e].T) < 2e-3
+        assert rel_err(out.cpu()[e, :m], A[e, :m] @ B[e].T) < TOL
     m_idx = contiguous_indices([128, 28])
     (a, sa, b, sb), A, B = operands(True, (len(m_idx),), E, N, K, seed=9)
     out = torch.full((len(m_idx), N), float("nan"), dtype=HALF, device=DEV)
     moe.grouped_gemm_contiguous(a, sa.t().contiguous().t(), b, sb, m_idx.to(DEV), out)
     valid = m_idx >= 0
     ref = torch.einsum("mk,mnk->mn", A[valid], B[m_idx[valid].long()])
-    assert rel_err(out.cpu()[valid], ref) < 2e-3
+    assert rel_err(out.cpu()[valid], ref) < TOL
 
 
 def test_block_expert_with_row_weight():
@@ -127,7 +128,7 @@ def test_block_expert_with_row_weight():
     m = lay.m_indices.cpu().long()
     valid = m >= 0
     ref = torch.einsum("mk,mnk->mn", A[valid], B[m[valid]]) * rw.cpu().double()[valid, None]
-    assert rel_err(out.cpu()[valid], ref) < 2e-3
+    assert rel_err(out.cpu()[valid], ref) < TOL
 
 
 @pytest.mark.parametrize("fp8,masked", [(True, False), (False, True), (True, True)])
@@ -156,7 +157,7 @@ def test_swiglu_epilogue(fp8, masked):
         assert rel_err(got, ref) < 4e-2                      # e4m3's own rounding (3 mantissa bits) is ~2.5 %
         torch.testing.assert_close(out_scale.cpu()[valid].double(), ref_s.double(), rtol=1e-3, atol=0)
     else:
-        assert rel_err(out.cpu()[valid], ref) < 2e-3
+        assert rel_err(out.cpu()[valid], ref) < TOL
     assert out.cpu().float()[~valid].isnan().all()
 
 
