@@ -71,12 +71,12 @@ def e4m3_bits(y):
 def _quantize(x, UE8M0: tl.constexpr):
     """Row-wise (q as e4m3 bits, s) of an fp32 [BLOCK_M, 128] tile."""
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)
-    s = amax / 448.0
+    s = tl.div_rn(amax, 448.0)  # IEEE division: `/` lowers to div.full.f32 (2 ulp) on the GPU
     if UE8M0:  # round the scale up to a power of two, exactly (bit arithmetic, no log2)
         bits = s.to(tl.int32, bitcast=True)
         expo = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
         s = (expo << 23).to(tl.float32, bitcast=True)
-    y = tl.clamp(x / s[:, None], -448.0, 448.0)
+    y = tl.clamp(tl.div_rn(x, s[:, None]), -448.0, 448.0)
     return e4m3_bits(y), s
 
 

@@ -127,22 +127,22 @@ def test_e4m3_encoder_is_exhaustively_exact():
 # ---- bad input raises before any launch ----
 
 def test_act_quant_rejects_bad_input():
-    x = torch.randn(4, 256)
+    x = torch.randn(4, 256, device=DEV)
     with pytest.raises(TypeError, match="dtype"):
         act_quant(x.to(torch.int32))
     with pytest.raises(ValueError, match="block"):
         act_quant(x, block=64)
     with pytest.raises(ValueError, match="contiguous"):
-        act_quant(torch.randn(256, 4).t())
+        act_quant(torch.randn(256, 4, device=DEV).t())
     with pytest.raises(TypeError, match="torch.Tensor"):
-        act_quant(x.numpy())
+        act_quant(x.tolist())
 
 
 def test_fused_quant_rejects_bad_input():
-    x = torch.randn(4, 256, dtype=torch.bfloat16)
-    w = torch.ones(256, dtype=torch.bfloat16)
+    x = torch.randn(4, 256, dtype=torch.bfloat16, device=DEV)
+    w = torch.ones(256, dtype=torch.bfloat16, device=DEV)
     with pytest.raises(ValueError, match="weight has"):
-        rmsnorm_act_quant(x, torch.ones(128, dtype=torch.bfloat16))
+        rmsnorm_act_quant(x, torch.ones(128, dtype=torch.bfloat16, device=DEV))
     with pytest.raises(TypeError, match="weight"):
         rmsnorm_act_quant(x, w.float())
     with pytest.raises(ValueError, match="residual shape"):
@@ -150,7 +150,7 @@ def test_fused_quant_rejects_bad_input():
     with pytest.raises(ValueError, match="eps"):
         rmsnorm_act_quant(x, w, eps=0.0)
     with pytest.raises(ValueError, match="even"):
-        silu_mul_act_quant(torch.randn(4, 255))
+        silu_mul_act_quant(torch.randn(4, 255, device=DEV))
     with pytest.raises(ValueError, match="not in"):
         act_quant(x, config={"BLOCK_Q": 8})
     with pytest.raises(ValueError, match="constraints"):

@@ -58,9 +58,9 @@ def test_fp8_gemm_nt(M, N, K):
 
 
 def test_fp8_gemm_nt_rejects_what_dskc_does_not_do():
-    a = dg.per_token_cast_to_fp8(torch.randn(4, 128))
-    b = dg.per_block_cast_to_fp8(torch.randn(8, 128))
-    d = torch.empty(4, 8, dtype=torch.bfloat16)
+    a = dg.per_token_cast_to_fp8(torch.randn(4, 128, device=DEV))
+    b = dg.per_block_cast_to_fp8(torch.randn(8, 128, device=DEV))
+    d = torch.empty(4, 8, dtype=torch.bfloat16, device=DEV)
     with pytest.raises(NotImplementedError):
         dg.fp8_gemm_nt(a, b, d, c=d)
     with pytest.raises(ValueError, match="recipe"):
@@ -68,11 +68,11 @@ def test_fp8_gemm_nt_rejects_what_dskc_does_not_do():
     with pytest.raises(TypeError, match="pair"):
         dg.fp8_gemm_nt(a[0], b, d)
     with pytest.raises(NotImplementedError, match="psum"):
-        dg.m_grouped_fp8_gemm_nt_contiguous(a, b, d, torch.zeros(4, dtype=torch.int32), use_psum_layout=True)
+        dg.m_grouped_fp8_gemm_nt_contiguous(a, b, d, torch.zeros(4, dtype=torch.int32, device=DEV), use_psum_layout=True)
     with pytest.raises(ValueError, match="recipe"):
-        dg.m_grouped_fp8_gemm_nt_masked(a, b, d, torch.ones(1, dtype=torch.int32), 4, recipe=(1, 1, 128))
+        dg.m_grouped_fp8_gemm_nt_masked(a, b, d, torch.ones(1, dtype=torch.int32, device=DEV), 4, recipe=(1, 1, 128))
     with pytest.raises(ValueError, match="gran_k"):
-        dg.per_token_cast_to_fp8(torch.randn(4, 128), gran_k=64)
+        dg.per_token_cast_to_fp8(torch.randn(4, 128, device=DEV), gran_k=64)
 
 
 def test_bf16_gemm_nt_fp16():

@@ -114,7 +114,7 @@ def test_bf16_gemm_fp16_operands(M, N, K, config):
 # ---- bad input raises before any launch ----
 
 def test_fp8_gemm_rejects_bad_input():
-    a, sa, b, sb = make_fp8(4, 72, 256, device="cpu")
+    a, sa, b, sb = make_fp8(4, 72, 256)
     with pytest.raises(TypeError, match="a must have dtype"):
         fp8_gemm(a.float(), sa, b, sb)
     with pytest.raises(TypeError, match="sb must be"):
@@ -134,7 +134,7 @@ def test_fp8_gemm_rejects_bad_input():
     with pytest.raises(ValueError, match="one device"):
         fp8_gemm(a, sa, b.to("meta"), sb)
     with pytest.raises(ValueError, match="out must have shape"):
-        fp8_gemm(a, sa, b, sb, out=torch.empty(4, 71, dtype=torch.bfloat16))
+        fp8_gemm(a, sa, b, sb, out=torch.empty(4, 71, dtype=torch.bfloat16, device=DEV))
     with pytest.raises(TypeError, match="out_dtype"):
         fp8_gemm(a, sa, b, sb, out_dtype=torch.int32)
     with pytest.raises(ValueError, match="not in"):
@@ -146,7 +146,7 @@ def test_fp8_gemm_rejects_bad_input():
 
 
 def test_bf16_gemm_rejects_bad_input():
-    a = torch.randn(4, 64, dtype=torch.bfloat16)
+    a = torch.randn(4, 64, dtype=torch.bfloat16, device=DEV)
     with pytest.raises(TypeError, match="b must have dtype"):
         bf16_gemm(a, a.half())
     with pytest.raises(TypeError, match="a must have dtype"):
@@ -156,9 +156,9 @@ def test_bf16_gemm_rejects_bad_input():
     with pytest.raises(ValueError, match="K differs"):
         bf16_gemm(a, a[:, :32])
     with pytest.raises(TypeError, match="out must have dtype"):
-        bf16_gemm(a, a, out=torch.empty(4, 4, dtype=torch.float16))
+        bf16_gemm(a, a, out=torch.empty(4, 4, dtype=torch.float16, device=DEV))
     with pytest.raises(ValueError, match="out must have shape"):
-        bf16_gemm(a, a, out=torch.empty(4, 5, dtype=torch.bfloat16))
+        bf16_gemm(a, a, out=torch.empty(4, 5, dtype=torch.bfloat16, device=DEV))
 
 
 def test_defaults_meet_constraints():
