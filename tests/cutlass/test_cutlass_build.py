@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from dskc.build import cache
+from dskc import knobs
+from dskc.build import cache, nvcc
 from dskc.templates import cutlass
 from dskc.templates.cutlass.spaces import VERIFIED
 
@@ -63,5 +64,23 @@ def test_cache_entry_is_verified(default_builds):
 @pytest.mark.parametrize("stem", sorted(VERIFIED))
 def test_every_verified_render_builds(stem):
     configs = [cutlass.default_config(stem, "sm90a"), *VERIFIED[stem]]
-    for cfg, res in zip(configs, cutlass.build_many([(stem, c) for c in configs], "sm90a")):
+    with knobs.scope(compile_timeout_s=max(knobs.get().compile_timeout_s, 900.0)):
+        results = cutlass.build_many([(stem, c) for c in configs], "sm90a")
+    for cfg, res in zip(configs, results):
         _check_build(res, stem, cfg)
+
+
+@pytest.mark.slow
+def test_real_compiler_rejection_is_a_result():
+    """A tile the constraints would stop (TILE_K = 64 < the 128-wide scale blocks), rendered past them on purpose:
+    CUTLASS's static_assert comes back as a failed result carrying nvcc's message."""
+    import jinja2
+
+    cfg = {**cutlass.default_config("sm90_fp8_gemm_1d2d", "sm90a"), "TILE_K": 64}
+    src = jinja2.Template((cutlass.HERE / "sm90_fp8_gemm_1d2d.cu.jinja").read_text()).render(**cfg)
+    job = nvcc.NvccJob("sm90_fp8_gemm_1d2d", tuple(sorted(cfg.items())), src, "sm90a",
+                       include_dirs=(str(cutlass.HERE),), depends=(str(cutlass.HEADER),))
+    with knobs.scope(compile_timeout_s=max(knobs.get().compile_timeout_s, 900.0)):
+        res = nvcc.build_many([job])[0]
+    assert not res.ok and res.stage == "nvcc", res
+    assert "error" in res.message and "static assertion failed" in res.message, res.message

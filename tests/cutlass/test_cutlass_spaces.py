@@ -76,6 +76,7 @@ def test_render(stem):
     ({"TILE_K": 64}, "space", "TILE_K=64 is not in the space"),
     ({"TILE_M": 256, "SCHEDULE": "pingpong"}, "constraints", "SCHEDULE != 'pingpong' or TILE_M in (64, 128)"),
     ({"TILE_M": 64, "SCHEDULE": "cooperative"}, "constraints", "TILE_M % 128 == 0"),
+    ({"TILE_N": 256}, "constraints", "TILE_N == 128"),       # nvcc: "Accumulator and scaleB must have same shape"
     ({"BLOCK_M": 64}, "space", "unknown parameter 'BLOCK_M'"),
 ])
 def test_invalid_config_is_a_result_before_nvcc(config, stage, needle):
