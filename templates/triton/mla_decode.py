@@ -40,7 +40,7 @@ SPACE = {
     "num_stages": (1, 2, 3),
 }
 CONSTRAINTS = (
-    "BLOCK_M <= max(16, s_q * h_q * 2)",
+    "BLOCK_M <= max(64, s_q * h_q)",   # 64 rows is one wgmma; more than the rows is waste
     "BLOCK_M * BLOCK_N <= 4096",
 )
 # 64 query rows (what one sm_90 wgmma needs; rows past h_q*s_q are masked, cheap while the step is memory-bound)

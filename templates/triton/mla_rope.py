@@ -18,7 +18,7 @@ from dskc.templates.triton._mla_common import store_cache_rows
 
 STEM = "mla_rope"
 SPACE = {"BLOCK_T": (1, 2, 4, 8), "BLOCK_H": (1, 4, 16), "num_warps": (1, 2, 4)}
-CONSTRAINTS = ("BLOCK_H <= max(1, h_q)",)
+CONSTRAINTS = ("BLOCK_H <= max(4, h_q)",)  # more heads per step than exist is waste
 DEFAULTS = {
     "sm80": {"BLOCK_T": 4, "BLOCK_H": 4, "num_warps": 4},
     "sm90": {"BLOCK_T": 4, "BLOCK_H": 4, "num_warps": 4},

@@ -63,7 +63,7 @@ CASES = [
     # (h_q, s_q, page, seqlens, dtype, kv_format, causal, config)
     (1, 1, 16, [1, 37, 16], torch.float16, "bf16", False, SMALL),
     (3, 2, 16, [53, 2, 30], torch.float16, "bf16", True, SMALL),
-    (3, 1, 32, [77], torch.float32, "bf16", False, None),
+    (3, 1, 256, [77], torch.float32, "bf16", False, None),
     (16, 1, 64, [5, 100], torch.float16, "fp8", False, None),
     (16, 2, 16, [1, 45, 19], torch.float16, "fp8", True, SMALL),
     (128, 1, 16, [9, 21], torch.float16, "bf16", False, None),

@@ -76,3 +76,18 @@ def test_prefill_and_rope_sm90a():
 def test_default_configs_do_not_spill_with_aligned_pointers(stem, problem):
     for kernel, stores, loads in aligned_spills(stem, problem):
         assert (stores, loads) == (0, 0), f"{kernel} spills {stores} / {loads} bytes"
+
+
+@pytest.mark.parametrize("stem,problem", [
+    ("mla_decode", dict(batch=1, s_q=1, h_q=1, seqlen=1, page_size=16, kv_fp8=0)),
+    ("mla_decode", DECODE_FP8_MTP), ("mla_prefill", PREFILL), ("mla_rope", dict(tokens=1, h_q=1, kv_fp8=0))])
+def test_defaults_meet_their_constraints(stem, problem):
+    from dskc.templates import registry
+    mod = registry.get(stem)
+    for arch in ("sm80", "sm90a", "sm100a"):
+        cfg = registry.default_config(stem, arch)
+        assert set(cfg) == set(mod.SPACE) and all(cfg[k] in mod.SPACE[k] for k in cfg)
+        assert registry.satisfies(mod, cfg, problem)
+    assert next(registry.configs(mod, problem), None) is not None
+    flops, nbytes = mod.cost(problem)
+    assert flops > 0 and nbytes > 0
