@@ -64,9 +64,9 @@ def _num_sms(device: torch.device) -> int:
 
 
 def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_rows: int, num_heads_k: int = 1, *, block_m=None,
-                     block_n=None, num_parts: int | None = None,
+                     block_n=None, block_dv=None, num_parts: int | None = None,
                      overhead_tiles: int = FIXED_OVERHEAD_TILES) -> MLAMetadata:
-    """Balance the decode work of a batch over `num_parts` programs (default: SMs / row blocks), on device.
+    """Balance the decode work of a batch over `num_parts` parts (default: SMs / (row blocks x value splits)).
 
     cache_seqlens: int32 [batch]; num_q_rows: s_q * h_q / num_heads_k (query rows sharing one kv head).
     Work is counted in key tiles of block_n tokens plus `overhead_tiles` per batch; part p takes the units
@@ -82,8 +82,10 @@ def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_rows: int, num_heads_k: 
     cfg = default_config(cache_seqlens.device)
     block_m = int(block_m or cfg["BLOCK_M"])
     block_n = int(block_n or cfg["BLOCK_N"])
+    block_dv = int(block_dv or cfg["BLOCK_DV"])
     if num_parts is None:
-        num_parts = max(1, _num_sms(cache_seqlens.device) // math.ceil(num_q_rows / block_m))
+        programs_per_part = math.ceil(num_q_rows / block_m) * (D_LATENT // block_dv)
+        num_parts = max(1, _num_sms(cache_seqlens.device) // programs_per_part)
     if num_parts < 1:
         raise ValueError(f"num_parts must be >= 1, got {num_parts}")
     dev = cache_seqlens.device
@@ -216,7 +218,7 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal=Fa
     rows = s_q * h_q
     if metadata is None:
         metadata = get_mla_metadata(cache_seqlens, rows, 1, block_m=cfg["BLOCK_M"], block_n=cfg["BLOCK_N"],
-                                    num_parts=num_splits)
+                                    block_dv=cfg["BLOCK_DV"], num_parts=num_splits)
     elif metadata.num_q_rows != rows or metadata.num_splits.shape[0] != b + 1:
         raise ValueError(f"metadata was made for {metadata.num_q_rows} rows and batch "
                          f"{metadata.num_splits.shape[0] - 1}; this call has {rows} rows and batch {b}")
