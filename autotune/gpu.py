@@ -7,7 +7,7 @@ checked against the runner's reference, then the kernel is captured once in a CU
 times, each replay timed with CUDA events after an L2 flush (a 256 MiB buffer zeroed); the median is the value.
 Graph replay removes Python launch overhead, which matters most for decode-sized problems.
 
-Runner contract (a stem opts in with "runner": "module:function" in autotune/spaces/<stem>.json):
+Runner contract (a stem module's `runner` function, or "runner": "module:function" in autotune/spaces/<stem>.json):
     runner(problem: dict, config: dict, device: str, routing: dict | None) -> dict with
         "launch":    () -> None           launches the kernel(s) under test on the current stream
         "output":    () -> Tensor         the result of the last launch
@@ -44,8 +44,10 @@ class GpuTimer:
 
     def measure(self, space, problem, config, reports, arch) -> tuple[float, dict]:
         runner = space.data.get("runner")
+        if not runner and callable(getattr(space.module, "runner", None)):
+            runner = f"{space.module.__name__}:runner"
         if not runner:
-            raise TrialFailed(f"run: stem {space.stem!r} declares no GPU runner (\"runner\" in its autotune data)")
+            raise TrialFailed(f"run: stem {space.stem!r} has no GPU runner (a `runner` function or \"runner\" data)")
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
         proc = ctx.Process(target=_child, args=(runner, problem, config, self.reps, self.routing, queue))

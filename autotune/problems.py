@@ -52,7 +52,12 @@ def _mla(args, tokens):
              "kv_fp8": int(args.dtype == "fp8")} for t in tokens if t <= 256]
 
 
-BY_STEM = {"fp8_gemm_1d2d": _gemm, "bf16_gemm": _gemm, "grouped_gemm": _grouped, "moe_route": _route,
+def _act_quant(args, tokens):
+    widths = sorted({k for _, k in linear_shapes(args)} | {args.moe_inter_dim})
+    return [{"M": m, "K": k} for k in widths if k % 128 == 0 for m in tokens]
+
+
+BY_STEM = {"act_quant": _act_quant, "fp8_gemm_1d2d": _gemm, "bf16_gemm": _gemm, "grouped_gemm": _grouped, "moe_route": _route,
            "mla_decode": _mla}
 
 
