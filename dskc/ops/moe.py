@@ -172,8 +172,15 @@ def moe_align(ids, n_experts: int, *, layout: str = "contiguous", align: int = 1
     dest, sorted_ids, m_idx = torch.empty(n, **i32), torch.empty(rows, **i32), torch.empty(rows, **i32)
     block_expert = None if masked else torch.empty(rows // align, **i32)
     be = triton.next_power_of_2(max(n_experts, 2))
-    common = dict(E=n_experts, BLOCK_E=be, ALIGN=align, MASKED=int(masked), num_warps=cfg["num_warps"])
-    _perm.moe_align_kernel[(1,)](ids, counts, starts, dest, sorted_ids, n, max_m, BLOCK_A=cfg["BLOCK_A"], **common)
+    chunks = max(1, triton.cdiv(n, cfg["BLOCK_A"]))
+    chunk_counts, chunk_base = torch.empty((chunks, be), **i32), torch.empty((chunks, be), **i32)
+    w = dict(E=n_experts, BLOCK_E=be, num_warps=cfg["num_warps"])
+    common = dict(w, ALIGN=align, MASKED=int(masked))
+    _perm.moe_count_kernel[(chunks,)](ids, chunk_counts, n, BLOCK_A=cfg["BLOCK_A"], **w)
+    _perm.moe_scan_kernel[(1,)](chunk_counts, chunk_base, counts, starts, chunks, max_m, ALIGN=align,
+                                MASKED=int(masked), BLOCK_C=cfg["BLOCK_C"], **w)
+    _perm.moe_scatter_kernel[(chunks,)](ids, chunk_base, starts, dest, sorted_ids, n, max_m, MASKED=int(masked),
+                                        BLOCK_A=cfg["BLOCK_A"], **w)
     _perm.moe_fill_rows_kernel[(triton.cdiv(rows, cfg["BLOCK_R"]),)](
         counts, starts, sorted_ids, m_idx, block_expert if block_expert is not None else m_idx, rows, max_m,
         BLOCK_R=cfg["BLOCK_R"], **common)

@@ -1,14 +1,17 @@
 """Stem moe_permute: token permutation to and from the expert-grouped layouts of the grouped GEMM.
 
 Kernels (all deterministic; no atomics anywhere):
-  moe_align_kernel      one program. ids [A] (A = T * top_k assignments, expert per assignment) -> counts [E],
-                        the padded start row of each expert, and for each assignment its destination row `dest`;
-                        scatters sorted_ids[dest] = assignment. Inside an expert, assignments keep token order
-                        (a stable sort). Layouts:
+  moe_count_kernel      one program per BLOCK_A assignments (A = T * top_k, the expert of each (token, k)):
+                        per-chunk expert counts [chunks, BLOCK_E].
+  moe_scan_kernel       one program: exclusive prefix of the chunk counts over chunks (tiles of BLOCK_C chunks,
+                        tl.cumsum), total counts [E] and each expert's first row `starts` [E]:
                           contiguous (MASKED = 0): expert e owns rows [start_e, start_e + round_up(count_e, ALIGN));
                             start_e = sum of the earlier experts' padded counts; the row space has a static size
                             round_up(A + E * (ALIGN - 1), ALIGN) so that no host sync is needed (CUDA graphs);
-                          masked (MASKED = 1): row e * M_MAX + rank, counts = masked_m ([E, M_MAX, K] layout).
+                          masked (MASKED = 1): start_e = e * M_MAX, counts = masked_m ([E, M_MAX, K] layout).
+  moe_scatter_kernel    one program per chunk: rank of each assignment inside its expert (chunk base + in-chunk
+                        prefix: a stable sort, token order kept), dest = start + rank, sorted_ids[dest] = assignment.
+                        (A single-program version took 2 x A / BLOCK_A dependent steps: ~1000 for T = 4096, top-8.)
   moe_fill_rows_kernel  one program per BLOCK_R rows: m_indices[row] = expert or -1 (padding; DeepGEMM's contiguous
                         layout), block_expert[row / ALIGN] = expert or -1 (empty block), sorted_ids[row] = -1 on
                         padding rows.
@@ -28,7 +31,8 @@ from dskc.templates.triton._moe_common import to_e4m3
 STEM = "moe_permute"
 
 SPACE = {
-    "BLOCK_A": (32, 64, 128, 256),   # assignments per step of the align kernel
+    "BLOCK_A": (32, 64, 128, 256),   # assignments per program of the count / scatter kernels
+    "BLOCK_C": (4, 8, 16, 32),       # chunks per step of the scan kernel
     "BLOCK_R": (32, 64, 128, 256),   # rows per program of the fill kernel
     "GATHER_ROWS": (1, 2, 4, 8),     # rows per program of the gather kernel
     "BLOCK_N": (128, 256, 512),      # channels per program of the gather / combine kernels
@@ -37,19 +41,18 @@ SPACE = {
 }
 
 CONSTRAINTS = (
-    "BLOCK_A * max(E, 16) <= 2048 * num_warps",     # the one-hot [BLOCK_A, E] tile of the align kernel in registers
+    "BLOCK_A * max(E, 16) <= 2048 * num_warps",     # the one-hot [BLOCK_A, E] tile of count / scatter in registers
+    "BLOCK_C * max(E, 16) <= 2048 * num_warps",     # the [BLOCK_C, E] tile of chunk counts of the scan
     "BLOCK_R * max(E, 16) <= 2048 * num_warps",     # the [BLOCK_R, E] row-to-expert comparison of the fill kernel
     "BLOCK_N % 128 == 0",                           # the quantising gather works on whole 128-channel groups
 )
 
-# kernel_report sm_90a, E = 256 (tests/kernels/test_reports_moe.py): align kernel BLOCK_A 128 / 4 warps: 255
-# registers and 296 bytes of spills; 64 / 4 warps: 216; 64 / 8 warps: 127, no spills. Fill kernel 64 rows / 8 warps:
-# 128 registers.
-DEFAULTS = {
-    "sm80": {"BLOCK_A": 64, "BLOCK_R": 64, "GATHER_ROWS": 2, "BLOCK_N": 256, "COMBINE_T": 2, "num_warps": 8},
-    "sm90": {"BLOCK_A": 64, "BLOCK_R": 64, "GATHER_ROWS": 2, "BLOCK_N": 256, "COMBINE_T": 2, "num_warps": 8},
-    "sm100": {"BLOCK_A": 64, "BLOCK_R": 64, "GATHER_ROWS": 2, "BLOCK_N": 256, "COMBINE_T": 2, "num_warps": 8},
-}
+# kernel_report sm_90a, E = 256 (tests/kernels/test_reports_moe.py): the one-hot [BLOCK_A, E] kernels at BLOCK_A 128 /
+# 4 warps: 255 registers and 296 bytes of spills; 64 / 4 warps: 216; 64 / 8 warps: 127 (scatter 128, count 48,
+# scan 60), no spills. Fill kernel 64 rows / 8 warps: 128 registers.
+_DEFAULT = {"BLOCK_A": 64, "BLOCK_C": 16, "BLOCK_R": 64, "GATHER_ROWS": 2, "BLOCK_N": 256, "COMBINE_T": 2,
+            "num_warps": 8}
+DEFAULTS = {"sm80": dict(_DEFAULT), "sm90": dict(_DEFAULT), "sm100": dict(_DEFAULT)}
 
 
 def problem_names() -> tuple[str, ...]:
@@ -71,13 +74,23 @@ def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
     e, masked = problem["E"], int(bool(problem["masked"]))
     be = triton.next_power_of_2(max(e, 2))
     w = config["num_warps"]
-    align = CompileSpec.make(
-        __name__, "moe_align_kernel",
-        {"ids_ptr": "*i32", "counts_ptr": "*i32", "starts_ptr": "*i32", "dest_ptr": "*i32", "sorted_ptr": "*i32",
-         "A": "i32", "M_MAX": "i32", "E": "constexpr", "BLOCK_E": "constexpr", "ALIGN": "constexpr",
-         "MASKED": "constexpr", "BLOCK_A": "constexpr"},
-        {"E": e, "BLOCK_E": be, "ALIGN": problem["align"], "MASKED": masked, "BLOCK_A": config["BLOCK_A"]},
+    bc = {"E": e, "BLOCK_E": be, "BLOCK_A": config["BLOCK_A"]}
+    count = CompileSpec.make(
+        __name__, "moe_count_kernel",
+        {"ids_ptr": "*i32", "chunk_ptr": "*i32", "A": "i32", "E": "constexpr", "BLOCK_E": "constexpr",
+         "BLOCK_A": "constexpr"}, bc, num_warps=w, num_stages=1)
+    scan = CompileSpec.make(
+        __name__, "moe_scan_kernel",
+        {"chunk_ptr": "*i32", "base_ptr": "*i32", "counts_ptr": "*i32", "starts_ptr": "*i32", "n_chunks": "i32",
+         "M_MAX": "i32", "E": "constexpr", "BLOCK_E": "constexpr", "ALIGN": "constexpr", "MASKED": "constexpr",
+         "BLOCK_C": "constexpr"},
+        {"E": e, "BLOCK_E": be, "ALIGN": problem["align"], "MASKED": masked, "BLOCK_C": config["BLOCK_C"]},
         num_warps=w, num_stages=1)
+    scatter = CompileSpec.make(
+        __name__, "moe_scatter_kernel",
+        {"ids_ptr": "*i32", "base_ptr": "*i32", "starts_ptr": "*i32", "dest_ptr": "*i32", "sorted_ptr": "*i32",
+         "A": "i32", "M_MAX": "i32", "E": "constexpr", "BLOCK_E": "constexpr", "MASKED": "constexpr",
+         "BLOCK_A": "constexpr"}, {**bc, "MASKED": masked}, num_warps=w, num_stages=1)
     fill = CompileSpec.make(
         __name__, "moe_fill_rows_kernel",
         {"counts_ptr": "*i32", "starts_ptr": "*i32", "sorted_ptr": "*i32", "m_idx_ptr": "*i32",
@@ -98,40 +111,64 @@ def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
          "TOP_K": "constexpr", "HAS_SHARED": "constexpr", "BLOCK_T": "constexpr", "BLOCK_N": "constexpr"},
         {"TOP_K": problem["top_k"], "HAS_SHARED": 1, "BLOCK_T": config["COMBINE_T"], "BLOCK_N": config["BLOCK_N"]},
         num_warps=w, num_stages=1)
-    return [align, fill, gather, combine]
+    return [count, scan, scatter, fill, gather, combine]
 
 
 @triton.jit
-def moe_align_kernel(ids_ptr, counts_ptr, starts_ptr, dest_ptr, sorted_ptr, A, M_MAX,
-                     E: tl.constexpr, BLOCK_E: tl.constexpr, ALIGN: tl.constexpr, MASKED: tl.constexpr,
-                     BLOCK_A: tl.constexpr):
+def _one_hot(ids_ptr, a0, A, BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr):
+    """[BLOCK_A, BLOCK_E] int32: 1 where assignment a0 + i goes to expert j (rows past A are all zero)."""
+    offs = a0 + tl.arange(0, BLOCK_A)
+    ids = tl.load(ids_ptr + offs, mask=offs < A, other=-1)
+    return (ids[:, None] == tl.arange(0, BLOCK_E)[None, :]).to(tl.int32)
+
+
+@triton.jit
+def moe_count_kernel(ids_ptr, chunk_ptr, A, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr):
+    c = tl.program_id(0)
+    hot = _one_hot(ids_ptr, c * BLOCK_A, A, BLOCK_E, BLOCK_A)
+    tl.store(chunk_ptr + c * BLOCK_E + tl.arange(0, BLOCK_E), tl.sum(hot, 0))
+
+
+@triton.jit
+def moe_scan_kernel(chunk_ptr, base_ptr, counts_ptr, starts_ptr, n_chunks, M_MAX,
+                    E: tl.constexpr, BLOCK_E: tl.constexpr, ALIGN: tl.constexpr, MASKED: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
     ecols = tl.arange(0, BLOCK_E)
-    offs = tl.arange(0, BLOCK_A)
-    counts = tl.zeros([BLOCK_E], tl.int32)
-    for a0 in range(0, A, BLOCK_A):  # pass 1: tokens per expert
-        ids = tl.load(ids_ptr + a0 + offs, mask=a0 + offs < A, other=-1)
-        counts += tl.sum((ids[:, None] == ecols[None, :]).to(tl.int32), 0)
+    crows = tl.arange(0, BLOCK_C)
+    running = tl.zeros([BLOCK_E], tl.int32)
+    for c0 in range(0, n_chunks, BLOCK_C):
+        offs = (c0 + crows)[:, None] * BLOCK_E + ecols[None, :]
+        cmask = (c0 + crows < n_chunks)[:, None]
+        tile = tl.load(chunk_ptr + offs, mask=cmask, other=0)
+        tl.store(base_ptr + offs, tl.cumsum(tile, 0) - tile + running[None, :], mask=cmask)
+        running += tl.sum(tile, 0)
     if MASKED:
         starts = ecols * M_MAX
     else:
-        padded = (counts + ALIGN - 1) // ALIGN * ALIGN
+        padded = (running + ALIGN - 1) // ALIGN * ALIGN
         starts = tl.cumsum(padded, 0) - padded
-    tl.store(counts_ptr + ecols, counts, mask=ecols < E)
+    tl.store(counts_ptr + ecols, running, mask=ecols < E)
     tl.store(starts_ptr + ecols, starts, mask=ecols < E)
-    seen = tl.zeros([BLOCK_E], tl.int32)
-    for a0 in range(0, A, BLOCK_A):  # pass 2: rank inside the expert, in assignment order
-        amask = a0 + offs < A
-        ids = tl.load(ids_ptr + a0 + offs, mask=amask, other=-1)
-        hot = (ids[:, None] == ecols[None, :]).to(tl.int32)
-        before = tl.cumsum(hot, 0) - hot                       # same-expert assignments earlier in this step
-        rank = tl.sum(hot * (before + seen[None, :]), 1)
-        dest = tl.sum(hot * starts[None, :], 1) + rank
-        ok = amask
-        if MASKED:
-            ok = ok & (rank < M_MAX)
-        tl.store(dest_ptr + a0 + offs, tl.where(ok, dest, -1), mask=amask)
-        tl.store(sorted_ptr + dest, a0 + offs, mask=ok)
-        seen += tl.sum(hot, 0)
+
+
+@triton.jit
+def moe_scatter_kernel(ids_ptr, base_ptr, starts_ptr, dest_ptr, sorted_ptr, A, M_MAX,
+                       E: tl.constexpr, BLOCK_E: tl.constexpr, MASKED: tl.constexpr, BLOCK_A: tl.constexpr):
+    c = tl.program_id(0)
+    ecols = tl.arange(0, BLOCK_E)
+    offs = c * BLOCK_A + tl.arange(0, BLOCK_A)
+    amask = offs < A
+    hot = _one_hot(ids_ptr, c * BLOCK_A, A, BLOCK_E, BLOCK_A)
+    base = tl.load(base_ptr + c * BLOCK_E + ecols)              # same-expert assignments in earlier chunks
+    starts = tl.load(starts_ptr + ecols, mask=ecols < E, other=0)
+    before = tl.cumsum(hot, 0) - hot                            # ... and earlier in this chunk
+    rank = tl.sum(hot * (before + base[None, :]), 1)
+    dest = tl.sum(hot * starts[None, :], 1) + rank
+    ok = amask
+    if MASKED:
+        ok = ok & (rank < M_MAX)
+    tl.store(dest_ptr + offs, tl.where(ok, dest, -1), mask=amask)
+    tl.store(sorted_ptr + dest, offs, mask=ok)
 
 
 @triton.jit

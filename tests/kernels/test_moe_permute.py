@@ -59,10 +59,20 @@ def test_align_contiguous(T, E, top_k, align, only):
     _check_contiguous(lay, ids, E, align)
 
 
+@pytest.mark.parametrize("config", [None, {"BLOCK_A": 32, "BLOCK_C": 4, "BLOCK_R": 32}])
+def test_align_many_chunks(config):
+    """240 assignments in 8 chunks of 32 (two scan tiles of 4 chunks): ranks carry across chunks and tiles."""
+    ids = routed_ids(40, 6, 6, seed=3) if config else routed_ids(40, 7, 5, seed=4)
+    lay = moe.moe_align(ids, ids.shape[1] if config else 7, align=16, config=config)
+    _check_contiguous(lay, ids, ids.shape[1] if config else 7, 16)
+    masked = moe.moe_align(ids, 7 if not config else 6, layout="masked", config=config)
+    assert torch.equal(masked.counts.cpu(), lay.counts.cpu())
+
+
 @pytest.mark.parametrize("T,E,top_k,align,only", CASES[:4])
 def test_align_masked(T, E, top_k, align, only):
     ids = routed_ids(T, E, top_k, seed=T * E, only=only)
-    lay = moe.moe_align(ids, E, layout="masked")
+    lay = moe.moe_align(ids, E, layout="masked", config={"BLOCK_A": 32, "BLOCK_C": 4})
     flat = ids.reshape(-1).long().cpu()
     counts = torch.bincount(flat, minlength=E)
     assert torch.equal(lay.counts.cpu().long(), counts) and lay.rows == E * T

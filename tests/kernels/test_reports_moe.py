@@ -39,7 +39,8 @@ def test_route_and_permute_compile_without_spills(arch):
     perm = kernel_report("moe_permute", {"T": 4096, "E": 256, "top_k": 8, "D": 7168, "align": 128,
                                          "masked": False}, arch)
     assert [r.name.split("[")[0] for r in route + perm] == [
-        "moe_route_kernel", "moe_align_kernel", "moe_fill_rows_kernel", "moe_gather_kernel", "moe_combine_kernel"]
+        "moe_route_kernel", "moe_count_kernel", "moe_scan_kernel", "moe_scatter_kernel", "moe_fill_rows_kernel",
+        "moe_gather_kernel", "moe_combine_kernel"]
     for r in route + perm:
         assert not r.spills and r.stack_bytes == 0, r
 
