@@ -181,6 +181,8 @@ def moe_align(ids, n_experts: int, *, layout: str = "contiguous", align: int = 1
                                 MASKED=int(masked), BLOCK_C=cfg["BLOCK_C"], **w)
     _perm.moe_scatter_kernel[(chunks,)](ids, chunk_base, starts, dest, sorted_ids, n, max_m, MASKED=int(masked),
                                         BLOCK_A=cfg["BLOCK_A"], **w)
+    if rows == 0:  # no tokens and align 1: no rows to label (a zero-size grid cannot launch)
+        return MoeLayout(layout, n_experts, k, align, max_m, dest, sorted_ids, m_idx, block_expert, counts, starts)
     _perm.moe_fill_rows_kernel[(triton.cdiv(rows, cfg["BLOCK_R"]),)](
         counts, starts, sorted_ids, m_idx, block_expert if block_expert is not None else m_idx, rows, max_m,
         BLOCK_R=cfg["BLOCK_R"], **common)
@@ -424,8 +426,12 @@ def fused_moe(x, gate_weight, gate_bias, w13, w13_scale, w2, w2_scale, *, top_k,
     _check_route(e, top_k, n_groups, n_limited_groups, score_func, gate_bias is not None)
     if shared is not None:
         _check_shared(shared, fp8, w13.dtype, d)
+    if t == 0:
+        return torch.empty_like(x)
     align = cfg.get("align", 128)
     kind = cfg.get("layout", "auto")
+    if kind not in ("auto", "contiguous", "masked"):
+        _fail(f"config['layout'] must be 'auto', 'contiguous' or 'masked', got {kind!r}")
     if kind == "auto":
         kind = "masked" if e * t <= _perm.row_space(t * top_k, e, align) else "contiguous"
     logits = x.float() @ gate_weight.float().t()

@@ -133,6 +133,13 @@ def test_fused_moe_all_tokens_on_one_expert():
     assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < (5e-3 if INTERP else 1e-2)
 
 
+def test_fused_moe_no_tokens():
+    x, gw, bias, (w13, s13, w2, s2), _, _, _ = make_case(True, 1, 4, 256, 128, 2, True, False, seed=2)
+    out = moe.fused_moe(x[:0], gw, bias, w13, s13, w2, s2, top_k=2, n_groups=1, n_limited_groups=1,
+                        score_func="sigmoid", route_scale=1.0)
+    assert out.shape == (0, 256) and out.dtype == x.dtype
+
+
 def test_fused_moe_rejects_bad_input():
     x, gw, bias, (w13, s13, w2, s2), shared, _, _ = make_case(True, 4, 4, 256, 128, 2, True, True, seed=1)
     route = dict(top_k=2, n_groups=2, n_limited_groups=1, score_func="sigmoid", route_scale=1.0)
@@ -147,6 +154,7 @@ def test_fused_moe_rejects_bad_input():
         (dict(n_groups=3), "divide"),
         (dict(shared={"w1": shared["w1"]}), "shared"),
         (dict(config={"tile": 1}), "config keys"),
+        (dict(config={"layout": "dense"}), "layout"),
         (dict(score_func="tanh"), "score_func"),
     ]
     base = dict(x=x, gate_weight=gw, gate_bias=bias, w13=w13, w13_scale=s13, w2=w2, w2_scale=s2, shared=shared,
