@@ -54,6 +54,13 @@ def _devices(**named):
         _fail(f"dskc MoE kernels need CUDA tensors (got {dev}); CPU tensors run only under TRITON_INTERPRET=1")
 
 
+def _need_e4m3(t: torch.Tensor, what: str):
+    """e4m3 tensors in Triton kernels need sm_89+; sm_80's compiler rejects the type (kernel_report, sm80)."""
+    if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device) < (8, 9):
+        _fail(f"{what} uses e4m3 (fp8) kernels, which need sm_89 or newer; this GPU is "
+              f"sm_{''.join(map(str, torch.cuda.get_device_capability(t.device)))}: use bf16 weights")
+
+
 def _config(mod, config) -> dict:
     """The stem's default for this machine's GPU (sm90's without a GPU), overridden by `config`'s keys."""
     family = "sm90"
@@ -203,6 +210,8 @@ def moe_gather(x, layout: MoeLayout, weights, *, quant: bool, config=None):
         _fail(f"layout was built for {layout.dest.shape[0]} assignments, x has {t} tokens x top_k={layout.top_k}")
     if quant and d % 128:
         _fail(f"FP8 quantisation needs D % 128 == 0, got D={d}")
+    if quant:
+        _need_e4m3(x, "moe_gather(quant=True)")
     _devices(x=x, weights=weights, layout=layout.sorted_ids)
     cfg = _config(_perm, config)
     r = layout.rows
@@ -326,6 +335,7 @@ def _check_operands(a, sa, b, sb):
             _fail(f"fp8 grouped GEMM needs K % 128 == 0, got K={k}")
         _tensor("sa", sa, (torch.float32,), shape=tuple(a.shape[:-1]) + (k // 128,), strided=True)
         _tensor("sb", sb, (torch.float32,), shape=(e, triton.cdiv(n, 128), k // 128))
+        _need_e4m3(a, "the fp8 grouped GEMM")
     return fp8, masked
 
 

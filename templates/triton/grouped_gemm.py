@@ -60,6 +60,7 @@ CONSTRAINTS = (
 #   128x128x64 w8 s4: fp8 swiglu_quant 255 / 144, sm_100a 255 / 504; fp8 weight 255 / 8
 # so 8 warps over a 64-row tile (two warpgroups, each half of N) it is. QGMMA / HGMMA on sm_90a, UTCQMMA /
 # UTCHMMA on sm_100a (tests/kernels/test_reports_moe.py).
+# sm_80 runs the bf16 / fp16 kernels only (214 registers, HMMA, no spills): its Triton rejects e4m3 types.
 DEFAULTS = {
     "sm80": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     "sm90": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},

@@ -21,6 +21,7 @@ CASES = [
     ({**W13, "dtype": "fp8", "epilogue": "swiglu_quant"}, "sm100a", "UTCQMMA"),
     ({**W2, "dtype": "fp8", "epilogue": "weight"}, "sm100a", "UTCQMMA"),
     ({**W13, "dtype": "bf16", "epilogue": "swiglu"}, "sm100a", "UTCHMMA"),
+    ({**W13, "dtype": "bf16", "epilogue": "swiglu"}, "sm80", "HMMA"),     # sm_80: bf16 only (no e4m3 types)
 ]
 
 
