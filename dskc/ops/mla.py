@@ -196,7 +196,7 @@ def _cache_views(kv_cache, kv_format):
     """(kv, scales, rope) views of the cache whose bases the kernel offsets by token * constexpr stride."""
     if kv_format == "fp8":
         flat = kv_cache.view(-1, FP8_TOKEN_BYTES)
-        return (flat.view(torch.float8_e4m3fn), flat.view(torch.float32)[:, D_LATENT // 4:],
+        return (flat, flat.view(torch.float32)[:, D_LATENT // 4:],
                 flat.view(torch.bfloat16)[:, (D_LATENT + 16) // 2:])
     flat = kv_cache.view(-1, D_QK)
     return flat, flat, flat[:, D_LATENT:]

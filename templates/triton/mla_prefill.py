@@ -122,7 +122,7 @@ def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
     d_a, d_b = split_qk(problem["d_qk"])
     sig = {"q_ptr": dt, "k_ptr": dt, "v_ptr": dt, "out_ptr": dt, "lse_ptr": "*fp32", "cu_q_ptr": "*i32",
            "cu_k_ptr": "*i32", "lat_ptr": dt, "krope_ptr": dt, "slots_ptr": "*i32",
-           "cache_ptr": "*fp8e4nv" if fp8 else dt, "sc_ptr": "*fp32" if fp8 else dt,
+           "cache_ptr": "*u8" if fp8 else dt, "sc_ptr": "*fp32" if fp8 else dt,
            "crope_ptr": "*bf16" if fp8 else dt}
     for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot",
                  "stride_oh", "stride_lt", "stride_lat", "stride_kr"):

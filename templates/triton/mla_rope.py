@@ -82,7 +82,7 @@ def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
     fp8 = bool(problem["kv_fp8"])
     sig = {"kv_a_ptr": dt, "weight_ptr": dt, "rope_tab_ptr": "*fp32", "pos_ptr": "*i32", "q_ptr": dt,
            "kv_out_ptr": dt, "pe_out_ptr": dt, "slots_ptr": "*i32",
-           "cache_ptr": "*fp8e4nv" if fp8 else dt, "sc_ptr": "*fp32" if fp8 else dt,
+           "cache_ptr": "*u8" if fp8 else dt, "sc_ptr": "*fp32" if fp8 else dt,
            "crope_ptr": "*bf16" if fp8 else dt, "T": "i32", "H": "i32", "stride_kv_t": "i32", "stride_qt": "i32",
            "stride_qh": "i32", "eps": "fp32"}
     consts = {"BLOCK_T": config["BLOCK_T"], "BLOCK_H": config["BLOCK_H"], "WRITE_CACHE": True, "FP8": fp8}
