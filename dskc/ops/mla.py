@@ -10,6 +10,9 @@ Conventions shared by every function here:
   * lse is the natural-log log-sum-exp of the scaled logits, fp32.
 Input values (seqlens against the block table, page ids against the cache) are checked with one device sync
 unless `validate=False` or a CUDA graph is being captured.
+Precision: products on tensor cores in the operand dtype (fp32 operands run as TF32 on GPUs, Triton's default),
+softmax and accumulation in fp32. The FP8 cache is decoded / encoded by bit manipulation (no fp8 type needed, so
+sm_80 works too); encoding rounds to nearest-even via fp16, at most 1 ulp from a direct conversion.
 """
 from __future__ import annotations
 
