@@ -64,10 +64,10 @@ def _need_e4m3(t: torch.Tensor, what: str):
 def _config(mod, config) -> dict:
     """The stem's default for this machine's GPU (sm90's without a GPU), overridden by `config`'s keys."""
     family = "sm90"
-    if torch.cuda.is_available() and not knobs.get().triton_interpret:
-        from dskc.arch import detect
-        family = detect().family
-    cfg = dict(mod.DEFAULTS.get(family, mod.DEFAULTS["sm90"]))
+    if torch.cuda.is_available() and not knobs.get().triton_interpret:  # sm_8x -> sm80 table (sm_89 too), ...
+        major = torch.cuda.get_device_capability()[0]
+        family = "sm100" if major >= 10 else "sm90" if major == 9 else "sm80"
+    cfg = dict(mod.DEFAULTS[family])
     if config:
         unknown = set(config) - set(mod.SPACE)
         if unknown:
