@@ -1,5 +1,8 @@
 """A small template stem for the autotuner's tests: follows the contract in templates/__init__.py and wraps the
 probe kernel of dskc/build/_probe.py (an fp16 tiled dot, C[M, N] = A[M, K] @ B[N, K]^T in fp32)."""
+import os
+import time
+
 from dskc.build.triton_xc import CompileSpec
 
 STEM = "probe_dot"
@@ -30,6 +33,8 @@ def problem_names():
 
 
 def compile_specs(problem, config):
+    delay = float(os.environ.get("PROBE_STEM_DELAY_S", "0"))   # tests: make each trial last, to kill one mid-way
+    time.sleep(delay)
     consts = {"BM": config["BLOCK_M"], "BN": config["BLOCK_N"], "BK": config["BLOCK_K"]}
     return [CompileSpec.make("dskc.build._probe", "probe_dot_kernel", _SIG, consts,
                              num_warps=config["num_warps"], num_stages=config["num_stages"])]
