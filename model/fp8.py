@@ -68,3 +68,18 @@ def quantize_weight(w: torch.Tensor, scale_fmt: str | None = None) -> tuple[torc
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     q = (w.float() / expand_scale(scale, out_f, in_f)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale.contiguous()
+
+
+def act_quant_dequant(x: torch.Tensor) -> torch.Tensor:
+    """Round activations through DeepSeek's 1x128 e4m3 quantisation and back, in x's dtype (what an FP8 GEMM sees).
+
+    Per token and 128 channels: scale = max(amax, 1e-4) / 448, q = e4m3(x / scale), result q * scale.
+    The last dimension must be a multiple of 128 (FP8 linears' input widths are, by the config check).
+    """
+    k = x.shape[-1]
+    if k % BLOCK:
+        raise ValueError(f"activation width {k} is not a multiple of {BLOCK}")
+    blocks = x.float().unflatten(-1, (k // BLOCK, BLOCK))
+    scale = blocks.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR) / FP8_MAX
+    q = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return (q.float() * scale).flatten(-2).to(x.dtype)

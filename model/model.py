@@ -42,10 +42,12 @@ class Transformer(nn.Module):
     e4m3 + fp32 scales and are dequantized exactly to `dtype` when used. The gate bias is float32.
     World size and rank come from torch.distributed when it is initialised (see parallel.py).
     Pick the dtype here, not with .to(dtype): that would also convert the FP8 weights and the float32 rope table.
+    gemm_impl: "bf16" (FP8 weights dequantized, activations untouched: the reference's default) or "fp8"
+    (activations also rounded through 1x128 e4m3 before each FP8 linear, as the reference's fp8 GEMM path).
     """
 
     def __init__(self, args: ModelArgs, attn_impl: str = "absorb", *, dtype: torch.dtype = torch.bfloat16,
-                 device=None):
+                 device=None, gemm_impl: str = "bf16"):
         super().__init__()
         if not isinstance(args, ModelArgs):
             raise TypeError(f"args must be ModelArgs, got {type(args).__name__}")
@@ -62,6 +64,11 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, dtype=dtype, device=device)
         self.head = Linear(args.dim, args.vocab_size, dtype=dtype, split="column", tp=tp, device=device)
         self.register_buffer("rope", precompute_rope(args, device=device), persistent=False)
+        if gemm_impl not in ("bf16", "fp8"):
+            raise ValueError(f"gemm_impl must be 'bf16' or 'fp8', got {gemm_impl!r}")
+        for mod in self.modules():
+            if isinstance(mod, Linear) and mod.scale is not None:
+                mod.quantize_activations = gemm_impl == "fp8"
 
     def _check_input(self, tokens: torch.Tensor, start_pos: int) -> None:
         a = self.args

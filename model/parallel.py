@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .args import FP8_BLOCK, ModelArgs
-from .fp8 import FP8_DTYPE, scale_shape, weight_dequant
+from .fp8 import FP8_DTYPE, act_quant_dequant, scale_shape, weight_dequant
 
 COLUMN_SPLIT = ("wq", "wq_b", "wkv_b", "w1", "w3", "embed", "head")  # dim 0 of weight/scale is split
 ROW_SPLIT = ("wo", "w2")                                              # dim 1 of weight/scale is split
@@ -57,7 +57,10 @@ class Linear(nn.Module):
 
     split: "none" (replicated), "column" (out_features split across ranks) or "row" (in_features split,
     output all-reduced). out_features / in_features are the full, unsplit sizes.
+    quantize_activations (FP8 weights only; set by Transformer's gemm_impl="fp8"): round x through 1x128 e4m3
+    first, as the reference's fp8 GEMM path (act_quant + fp8_gemm) does; the default bf16 path does not.
     """
+    quantize_activations = False
 
     def __init__(self, in_features: int, out_features: int, *, dtype: torch.dtype, fp8: bool = False,
                  split: str = "none", tp: TP = TP(), device=None):
@@ -86,6 +89,8 @@ class Linear(nn.Module):
         return weight_dequant(self.weight, self.scale, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantize_activations and self.scale is not None:
+            x = act_quant_dequant(x)
         y = F.linear(x, self.dense_weight())
         return self.tp.all_reduce(y) if self.split == "row" else y
 

@@ -24,6 +24,7 @@ from dskc.build import cache
 
 # Tensor-core instruction families in SASS: Hopper wgmma (GMMA), Blackwell tcgen05 (UTC*MMA), Ampere mma.sync (HMMA).
 TENSOR_CORE_OPS = ("QGMMA", "HGMMA", "IGMMA", "BGMMA", "UTCQMMA", "UTCHMMA", "UTCIMMA", "UTCOMMA", "HMMA", "IMMA")
+_ATTRS_VERSION = "ptr-div16"     # how the worker specialises arguments; part of the key
 _COUNTS = collections.Counter()  # builds actually run in this process (misses), for "warm path must not recompile"
 
 
@@ -71,8 +72,15 @@ class CompileError(RuntimeError):
 
 
 def _source_hash(spec: CompileSpec) -> str:
+    """The kernel module's source plus its private siblings (`_*.py` helpers it may import), so editing a shared
+    helper invalidates every build that could use it."""
     mod = importlib.import_module(spec.module)
-    return hashlib.sha256(inspect.getsource(mod).encode()).hexdigest()
+    path = Path(inspect.getsourcefile(mod))
+    h = hashlib.sha256(path.read_bytes())
+    for helper in sorted(path.parent.glob("_*.py")):
+        h.update(helper.name.encode() + helper.read_bytes())
+    h.update(_ATTRS_VERSION.encode())
+    return h.hexdigest()
 
 
 def toolchain() -> tuple:

@@ -1,0 +1,141 @@
+"""`dskc.compile`: a model in, the same model running on generated kernels for a chosen GPU out.
+
+capture (regions from the module tree; Dynamo graph check) -> ir -> lower (named passes) -> select (kernel and
+config per node) -> build (cross-compile for the target, content-addressed cache) -> runtime (kernel modules).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import sys
+
+import torch
+import torch.nn as nn
+
+from dskc.arch import Arch, parse
+from dskc.build.triton_xc import CompileError, KernelReport, compile_kernels
+from dskc.capture.regions import find_regions
+from dskc.ir.graph import Graph, Op
+from dskc.lower.passes import Options, lower
+from dskc.select.choose import Choice, choose
+
+log = logging.getLogger("dskc.compile")
+
+
+@dataclasses.dataclass
+class Plan:
+    target: Arch
+    graph: Graph
+    dumps: list                       # (pass name, graph after it)
+    choices: list                     # Choice per kernel of every lowered node
+    fallbacks: list                   # (region, reason)
+    reports: dict = dataclasses.field(default_factory=dict)   # (stem, problem, config) -> KernelReport | error
+
+
+def plan(model: nn.Module, target="sm90a", options: Options = Options(), m_hint: int = 64) -> Plan:
+    """Find, lower and select (no build, no weights touched: works on a model on the meta device)."""
+    arch = parse(target)
+    dumps = []
+    graph = lower(find_regions(model), options, dump=lambda name, g: dumps.append((name, g)))
+    choices, fallbacks = [], []
+    for node in graph.nodes:
+        if node.op is Op.FALLBACK:
+            fallbacks.append((node.name, node.attr("reason")))
+            continue
+        if node.attr("absorbed_into"):
+            continue
+        choices.extend(choose(node, arch, m_hint))
+    return Plan(arch, graph, dumps, choices, fallbacks)
+
+
+def build(p: Plan, progress: bool = True) -> Plan:
+    """Cross-compile every selected kernel for the plan's target (cached by content). A kernel that does not build
+    becomes a fallback with the compiler's message; it never aborts the whole compile."""
+    from dskc.templates import registry
+
+    unique = {}
+    for c in p.choices:
+        unique.setdefault((c.stem, c.problem, c.config), c)
+    specs, owners = [], []
+    for key, c in unique.items():
+        for spec in registry.get(c.stem).compile_specs(dict(c.problem), dict(c.config)):
+            specs.append(spec)
+            owners.append(key)
+    if progress:
+        print(f"[dskc] building {len(specs)} kernels for {p.target} ...", file=sys.stderr, flush=True)
+    results = compile_kernels(specs, p.target)
+    for key, res in zip(owners, results):
+        p.reports.setdefault(key, []).append(res)
+        if isinstance(res, CompileError):
+            p.fallbacks.append((unique[key].region, f"{unique[key].stem} does not build for {p.target}: {res}"))
+    return p
+
+
+def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def _kernel_module(node, src: nn.Module, model: nn.Module, options: Options):
+    from dskc.runtime.mla import KernelMLA
+    from dskc.runtime.modules import KernelLinear, KernelMLP, KernelMoE
+
+    if node.op in (Op.LINEAR, Op.FP8_LINEAR):
+        return KernelLinear(src, node, quantize=node.attr("quantized") == "ahead")
+    if node.op is Op.MLP:
+        return KernelMLP(src, node)
+    if node.op is Op.MOE:
+        return KernelMoE(src, node)
+    if node.op is Op.MLA:
+        args = getattr(model, "args", None)
+        return KernelMLA(src, node, getattr(args, "max_batch_size", 8), getattr(args, "max_seq_len", 4096))
+    return None
+
+
+class CompiledModel(nn.Module):
+    """The model with its regions on generated kernels; same call signature as the original."""
+
+    def __init__(self, module: nn.Module, p: Plan):
+        super().__init__()
+        self.module, self.plan = module, p
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def explain(self) -> str:
+        from dskc.explain import render
+        return render(self.plan)
+
+
+def compile(model: nn.Module, target="auto", *, options: Options = Options(), build_kernels: bool = True,
+            inplace: bool = False, progress: bool = True) -> CompiledModel:
+    """Compile `model` for `target` ("sm90a" | "sm100a" | "sm80" | "auto" = this GPU).
+
+    Without a GPU, target "auto" means sm90a for the build, and the generated kernels run through Triton's
+    interpreter on the CPU (set TRITON_INTERPRET=1 before importing dskc). The original model is not modified
+    unless inplace=True. Regions dskc cannot serve stay eager and are listed with the reason in `explain()`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"dskc.compile takes an nn.Module, got {type(model).__name__}")
+    if target == "auto" and not torch.cuda.is_available():
+        target = "sm90a"
+    p = plan(model, target, options)
+    if build_kernels:
+        build(p, progress)
+    module = model if inplace else copy.deepcopy(model)
+    failed = {region for region, _ in p.fallbacks}
+    for node in p.graph.nodes:
+        if node.name in failed or node.op in (Op.RMSNORM, Op.FALLBACK) or node.attr("absorbed_into"):
+            continue
+        try:
+            new = _kernel_module(node, module.get_submodule(node.name), module, options)
+        except ValueError as exc:
+            p.fallbacks.append((node.name, str(exc)))
+            log.warning("dskc: %s stays eager: %s", node.name, exc)
+            continue
+        if new is not None:
+            _set_module(module, node.name, new)
+    for region, reason in p.fallbacks:
+        log.warning("dskc: fallback for %s: %s", region, reason)
+    return CompiledModel(module, p)

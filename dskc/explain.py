@@ -1,0 +1,36 @@
+"""`dskc explain`: the IR after each pass, the region -> kernel table, and every fallback with its reason."""
+from __future__ import annotations
+
+
+def _fmt(pairs) -> str:
+    return ",".join(f"{k}={v}" for k, v in pairs)
+
+
+def kernel_table(plan) -> str:
+    rows = [("region", "kernel", "config", "arch", "source", "build")]
+    for c in plan.choices:
+        rep = plan.reports.get((c.stem, c.problem, c.config))
+        if rep is None:
+            built = "-"
+        elif any(isinstance(r, Exception) for r in rep):
+            built = "FAILED"
+        else:
+            built = " ".join(f"{r.registers}reg/{r.spill_store_bytes}spill/{'+'.join(r.tensor_core_ops) or 'no-TC'}"
+                             for r in rep)
+        rows.append((c.region, c.stem, _fmt(c.config), plan.target.name, c.source, built))
+    eager = [n.name for n in plan.graph.nodes if n.op.value in ("rmsnorm",)]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    if eager:
+        lines.append(f"eager PyTorch (not lowered, by design): {len(eager)} RMSNorm regions")
+    return "\n".join(lines)
+
+
+def render(plan, passes: bool = True) -> str:
+    out = []
+    if passes:
+        for name, g in plan.dumps:
+            out.append(f"== IR after {name}\n{g}")
+    out.append("== kernels\n" + kernel_table(plan))
+    out.append("== fallbacks\n" + ("\n".join(f"{r}: {why}" for r, why in plan.fallbacks) or "none"))
+    return "\n\n".join(out)

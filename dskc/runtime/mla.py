@@ -1,0 +1,64 @@
+"""MLA attention on generated kernels: absorbed form over a paged latent cache.
+
+Prologue (one kernel): RMSNorm of the latent kv, RoPE of q_pe and k_pe, write into the paged cache.
+Core: `mla_decode` (split-KV flash decoding, causal over the new tokens, so prefill runs through it too).
+wkv_b is absorbed ahead of time: its K half folds into the query, its V half into the output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from dskc import ops
+from dskc.runtime.modules import dot_dtype
+
+PAGE = 64
+
+
+class KernelMLA(nn.Module):
+    def __init__(self, src: nn.Module, node, max_batch: int, max_seq: int):
+        super().__init__()
+        self.node = node
+        self.heads, self.nope, self.rope_dim, self.v_dim = src.n_local_heads, src.nope, src.rope, src.v_dim
+        self.c = src.kv_lora_rank
+        if self.c != 512 or self.rope_dim != 64:
+            raise ValueError(f"{node.name}: the MLA kernels serve kv_lora_rank 512 + rope 64 (576), got "
+                             f"{self.c} + {self.rope_dim}")
+        self.q_lora_rank, self.softmax_scale, self.eps = src.q_lora_rank, src.softmax_scale, src.kv_norm.eps
+        # the projections stay child modules (each lowered on its own as a linear region)
+        for name in ("wq", "wq_a", "q_norm", "wq_b", "wkv_a", "wo"):
+            if hasattr(src, name):
+                setattr(self, name, getattr(src, name))
+        dtype = src.kv_norm.weight.dtype
+        self.kdtype = dot_dtype(dtype)
+        wkv_b = src.wkv_b.dense_weight().view(self.heads, self.nope + self.v_dim, self.c)
+        self.register_buffer("w_uk", wkv_b[:, :self.nope].to(self.kdtype).contiguous(), persistent=False)
+        self.register_buffer("w_uv", wkv_b[:, self.nope:].to(self.kdtype).contiguous(), persistent=False)
+        self.register_buffer("kv_norm_weight", src.kv_norm.weight.detach().to(self.kdtype), persistent=False)
+        pages = -(-max_seq // PAGE)
+        self.register_buffer("cache", torch.zeros(max_batch * pages, PAGE, 1, self.c + self.rope_dim,
+                                                  dtype=self.kdtype, device=wkv_b.device), persistent=False)
+        self.register_buffer("block_table", torch.arange(max_batch * pages, dtype=torch.int32,
+                                                         device=wkv_b.device).view(max_batch, pages),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask=None) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        t = bsz * seqlen
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.reshape(t, self.heads, self.nope + self.rope_dim).to(self.kdtype)
+        kv_a = self.wkv_a(x).reshape(t, self.c + self.rope_dim).to(self.kdtype).contiguous()
+        dev = x.device
+        local = torch.arange(seqlen, dtype=torch.int32, device=dev)
+        seq_ids = torch.arange(bsz, dtype=torch.int32, device=dev).repeat_interleave(seqlen)
+        slots = ops.paged_slots(self.block_table, seq_ids, (local + start_pos).repeat(bsz), PAGE)
+        q_pe = q[..., self.nope:]
+        ops.rope_norm_cache_write(kv_a, self.kv_norm_weight, rope.float(), local.repeat(bsz), q_pe=q_pe, eps=self.eps,
+                                  kv_cache=self.cache, slots=slots)
+        q_lat = torch.einsum("thd,hdc->thc", q[..., :self.nope], self.w_uk)
+        qq = torch.cat([q_lat, q_pe], dim=-1).view(bsz, seqlen, self.heads, self.c + self.rope_dim)
+        seqlens = torch.full((bsz,), start_pos + seqlen, dtype=torch.int32, device=dev)
+        out, _ = ops.mla_decode(qq.contiguous(), self.cache, self.block_table[:bsz], seqlens, self.softmax_scale,
+                                causal=seqlen > 1)
+        o = torch.einsum("bshc,hdc->bshd", out, self.w_uv)
+        return self.wo(o.flatten(2).to(x.dtype))

@@ -1,0 +1,76 @@
+"""Selection: for each IR node, the kernels that serve it (a table, as data) and each kernel's config for the
+target arch: the autotuner's exported entry for this (arch, shape bucket) when one exists, else the stem's
+tuning-free per-arch default. `source` says which, for `dskc explain`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from dskc.arch import Arch
+from dskc.ir.graph import Node, Op
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    region: str
+    stem: str
+    problem: tuple          # sorted (name, value) pairs
+    config: tuple           # sorted (name, value) pairs
+    source: str             # "default:sm90" | "tuned:<file>"
+    backend: str = "triton"
+
+
+def _linear(n: Node, m: int) -> list[tuple[str, dict]]:
+    N, K = n.shape
+    if n.op is Op.FP8_LINEAR:
+        return [("act_quant", {"M": m, "K": K}), ("fp8_gemm_1d2d", {"M": m, "N": N, "K": K})]
+    return [("bf16_gemm", {"M": m, "N": N, "K": K})]
+
+
+def _mlp(n: Node, m: int) -> list[tuple[str, dict]]:
+    inter, dim = n.shape
+    if n.dtype == "fp8":
+        return [("act_quant", {"M": m, "K": dim}), ("fp8_gemm_1d2d", {"M": m, "N": 2 * inter, "K": dim}),
+                ("fp8_gemm_1d2d", {"M": m, "N": dim, "K": inter})]
+    return [("bf16_gemm", {"M": m, "N": 2 * inter, "K": dim}), ("bf16_gemm", {"M": m, "N": dim, "K": inter})]
+
+
+def _moe(n: Node, m: int) -> list[tuple[str, dict]]:
+    _, dim, inter = n.shape
+    e, k = n.attr("n_experts"), n.attr("top_k")
+    dt = "fp8" if n.dtype == "fp8" else "bf16"
+    rows = max(1, m * k // e)
+    route = {"T": m, "E": e, "top_k": k, "n_groups": n.attr("n_groups"), "n_limited_groups": n.attr("topk_groups"),
+             "sigmoid": int(n.attr("score_func") == "sigmoid"), "has_bias": int(bool(n.attr("gate_bias")))}
+    return [("moe_route", route),
+            ("moe_permute", {"T": m, "E": e, "top_k": k, "D": dim, "align": 128, "masked": 0}),
+            ("grouped_gemm", {"E": e, "M": rows, "N": 2 * inter, "K": dim, "dtype": dt, "layout": "contiguous",
+                              "epilogue": "swiglu_quant" if dt == "fp8" else "swiglu"}),
+            ("grouped_gemm", {"E": e, "M": rows, "N": dim, "K": inter, "dtype": dt, "layout": "contiguous",
+                              "epilogue": "weight"})]
+
+
+def _mla(n: Node, m: int) -> list[tuple[str, dict]]:
+    h = n.attr("heads")
+    return [("mla_rope", {"tokens": m, "h_q": h, "kv_fp8": 0}),
+            ("mla_decode", {"batch": m, "s_q": 1, "h_q": h, "seqlen": 4096, "page_size": 64, "kv_fp8": 0})]
+
+
+CANDIDATES = {Op.LINEAR: _linear, Op.FP8_LINEAR: _linear, Op.MLP: _mlp, Op.MOE: _moe, Op.MLA: _mla}
+
+
+def choose(node: Node, arch: Arch, m_hint: int = 64) -> list[Choice]:
+    """The kernels (with configs) that serve `node` on `arch`; [] for regions left to eager PyTorch."""
+    from dskc.select import tuned
+    from dskc.templates import registry
+
+    make = CANDIDATES.get(node.op)
+    if make is None:
+        return []
+    out = []
+    for stem, problem in make(node, m_hint):
+        cfg, source = tuned.lookup(stem, arch, problem)
+        if cfg is None:
+            cfg, source = registry.default_config(stem, arch), f"default:{arch.family}"
+        out.append(Choice(node.name, stem, tuple(sorted(problem.items())), tuple(sorted(cfg.items())), source))
+    return out
