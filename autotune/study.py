@@ -127,8 +127,8 @@ def _cuda_version() -> str:
 
 
 def make_sampler(name: str, seed: int | None):
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=8)
+    if name == "tpe":   # 4 startup trials, not 8: 19.4 vs 24+ distinct configs to reach 2 % (bench_search.py)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=4)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
