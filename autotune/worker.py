@@ -7,7 +7,11 @@ import sys
 
 
 def main(argv=None) -> int:
+    import optuna
+
     from dskc.autotune.study import Task, work
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)   # the coordinator draws the progress bar on stderr
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
