@@ -13,6 +13,7 @@ import sys
 import torch
 import torch.nn as nn
 
+from dskc import knobs
 from dskc.arch import Arch, parse
 from dskc.build.triton_xc import CompileError, KernelReport, compile_kernels
 from dskc.capture.regions import find_regions
@@ -118,8 +119,12 @@ def compile(model: nn.Module, target="auto", *, options: Options = Options(), bu
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dskc.compile takes an nn.Module, got {type(model).__name__}")
-    if target == "auto" and not torch.cuda.is_available():
-        target = "sm90a"
+    if not torch.cuda.is_available():
+        if not knobs.get().triton_interpret:
+            raise RuntimeError("no CUDA GPU here: to run generated kernels on the CPU set TRITON_INTERPRET=1 before "
+                               "Python starts (./dev does); to only build for a GPU use `dskc compile --out DIR`")
+        if target == "auto":
+            target = "sm90a"
     p = plan(model, target, options)
     if build_kernels:
         build(p, progress)

@@ -6,6 +6,29 @@ def _fmt(pairs) -> str:
     return ",".join(f"{k}={v}" for k, v in pairs)
 
 
+def _built(plan, c) -> str:
+    rep = plan.reports.get((c.stem, c.problem, c.config))
+    if rep is None:
+        return "-"
+    if any(isinstance(r, Exception) for r in rep):
+        return "FAILED"
+    return " ".join(f"{r.registers}reg/{r.spill_store_bytes}spill/{'+'.join(r.tensor_core_ops) or 'no-TC'}"
+                    for r in rep)
+
+
+def grouped_table(plan) -> str:
+    """One row per distinct (kernel, config, source, build result), with how many regions use it."""
+    groups = {}
+    for c in plan.choices:
+        key = (c.stem, _fmt(c.config), c.source, _built(plan, c))
+        groups.setdefault(key, set()).add(c.region)
+    rows = [("regions", "kernel", "config", "arch", "source", "build (per kernel: registers/spills/tensor cores)")]
+    for (stem, cfg, src, built), regions in groups.items():
+        rows.append((str(len(regions)), stem, cfg, plan.target.name, src, built))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
 def kernel_table(plan) -> str:
     rows = [("region", "kernel", "config", "arch", "source", "build")]
     for c in plan.choices:
