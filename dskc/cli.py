@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-build", action="store_true", help="skip cross-compiling (no register/spill columns)")
     e.add_argument("--table-only", action="store_true", help="only the kernel table and fallbacks")
     sub.add_parser("tune", help="autotune kernels with Optuna (see `dskc tune --help`)", add_help=False)
+    sub.add_parser("bench", help="benchmark suites to JSON + plots (see `dskc bench --help`)", add_help=False)
     return p
 
 
@@ -182,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=knobs.get().log_level, format="%(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "tune":
         return _tune(None, argv[1:])
+    if argv and argv[0] == "bench":
+        from dskc.benchmark.cli import main as bench_main
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return {"demo": _demo, "report": _report, "compile": _compile, "explain": _explain}[args.cmd](args)
