@@ -25,6 +25,8 @@ class Knobs:
     compile_timeout_s: float # DSKC_COMPILE_TIMEOUT: a single kernel build (subprocess) gives up after this
     nvcc: str                # DSKC_NVCC: the nvcc used for CUTLASS builds
     jobs: int                # DSKC_JOBS: parallel builds
+    tuned_dir: Path | None = None  # DSKC_TUNED_DIR: where the compiler reads tuned configs (default: the
+                                   # installed autotune/configs)
 
     @classmethod
     def from_env(cls) -> "Knobs":
@@ -36,6 +38,7 @@ class Knobs:
             compile_timeout_s=float(os.environ.get("DSKC_COMPILE_TIMEOUT", "300")),
             nvcc=os.environ.get("DSKC_NVCC", "nvcc"),
             jobs=int(os.environ.get("DSKC_JOBS", str(max(1, (os.cpu_count() or 1))))),
+            tuned_dir=Path(os.environ["DSKC_TUNED_DIR"]) if os.environ.get("DSKC_TUNED_DIR") else None,
         )
 
 

@@ -43,7 +43,8 @@ def configs_root() -> Path:
 
 
 def file_for(stem: str, arch, root: Path | None = None) -> Path:
-    return Path(root or configs_root()) / parse(arch).name / f"{stem}.json"
+    from dskc import knobs
+    return Path(root or knobs.get().tuned_dir or configs_root()) / parse(arch).name / f"{stem}.json"
 
 
 def read_file(path: Path) -> dict:
