@@ -34,7 +34,7 @@ IMPLS = {
 @dataclasses.dataclass(frozen=True)
 class Impl:
     """One way to run a case. make() -> zero-arg callable (its result may be compared with Case.ref).
-    skip: a reason not to run (recorded). published: (value, hardware, source) for a reference row."""
+    skip: a reason not to run (recorded). published: (value, hardware, source[, metric]) for a reference row."""
     name: str
     make: Callable | None = None
     skip: str | None = None
@@ -85,12 +85,16 @@ def fill_figures(row: dict, case: Case, ms: float, ceilings: dict) -> dict:
 
 
 def published_row(case: Case, impl: Impl) -> dict:
-    value, hardware, source = impl.published
+    """A reference row: published = (value, hardware, source[, metric]); metric defaults to the case's primary.
+    The other figures follow from the implied time on this case's work (no % of ceilings: other hardware)."""
+    value, hardware, source, *rest = impl.published
+    metric = rest[0] if rest else case.primary
     row = empty_row(case, impl)
     row.update(hardware=hardware, source=source)
-    row[case.primary] = float(value)
-    if case.primary == "tflops" and case.flops:
-        row["ms"] = case.flops / value / 1e9
-    elif case.primary == "gbps" and case.bytes:
-        row["ms"] = case.bytes / value / 1e6
+    work = {"tflops": (case.flops, 1e9), "gbps": (case.bytes, 1e6)}
+    if metric in work and work[metric][0]:
+        row["ms"] = work[metric][0] / value / work[metric][1]
+        row["tflops"] = case.flops / row["ms"] / 1e9 if case.flops else None
+        row["gbps"] = case.bytes / row["ms"] / 1e6 if case.bytes else None
+    row[metric] = float(value)
     return row

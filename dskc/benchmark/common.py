@@ -58,15 +58,23 @@ def have(module: str) -> bool:
         return False
 
 
-def tuned_config(ctx: Ctx, stem: str, problem: dict) -> tuple[dict | None, str]:
-    """(config, why) from the autotuner's export for this arch and problem; (None, reason) when there is none."""
+def tuned_impl(ctx: Ctx, stem: str, problem: dict, run) -> "Impl":
+    """The "dskc-tuned" row: run(config) -> callable with the autotuner's exported config for this arch and
+    problem. No entry: a skipped row saying why; an unreadable export: an error row with the reader's message."""
+    from dskc.benchmark.cases import Impl
+
     if ctx.arch is None:
-        return None, "tuned configs are looked up for a CUDA arch only (none in a CPU smoke run)"
+        return Impl("dskc-tuned", skip="tuned configs are looked up for a CUDA arch only (none in a CPU smoke run)")
     from dskc.select import tuned
-    cfg, why = tuned.lookup(stem, ctx.arch, problem)
+    try:
+        cfg, why = tuned.lookup(stem, ctx.arch, problem)
+    except ValueError as exc:   # TunedFileError is a ValueError: recorded as this row's error, not hidden
+        def fail(exc=exc):
+            raise exc
+        return Impl("dskc-tuned", fail)
     if cfg is None:
-        return None, f"no tuned entry for {stem} {problem} on {ctx.arch}: {why}"
-    return cfg, f"tuned entry: {why}"
+        return Impl("dskc-tuned", skip=f"no tuned entry for {stem} {problem} on {ctx.arch}: {why}")
+    return Impl("dskc-tuned", lambda: run(cfg), note=f"{why}: {cfg}")
 
 
 def compiled(ctx: Ctx, fn):

@@ -7,7 +7,7 @@ import torch
 
 from dskc.benchmark.cases import Case, Impl
 from dskc.benchmark.common import (DEEPGEMM_DENSE, DEEPGEMM_SRC, E4M3, H800, Ctx, compile_impl, have,
-                                   tuned_config)
+                                   tuned_impl)
 
 
 def layer_linears(name: str) -> list[tuple[str, int, int]]:
@@ -49,9 +49,8 @@ def _fp8_impls(ctx: Ctx, m, n, k, ops) -> list[Impl]:
     a, sa, b, sb = ops
     dev = ctx.device
     impls = [Impl("dskc-default", lambda: (lambda: fp8_gemm(a, sa, b, sb, config=_default("fp8_gemm_1d2d", ctx))))]
-    cfg, why = tuned_config(ctx, "fp8_gemm_1d2d", {"M": m, "N": n, "K": k})
-    impls.append(Impl("dskc-tuned", lambda: (lambda: fp8_gemm(a, sa, b, sb, config=cfg)), note=why) if cfg
-                 else Impl("dskc-tuned", skip=why))
+    impls.append(tuned_impl(ctx, "fp8_gemm_1d2d", {"M": m, "N": n, "K": k},
+                            lambda cfg: (lambda: fp8_gemm(a, sa, b, sb, config=cfg))))
     a16 = lambda: (a.to(torch.bfloat16), b.to(torch.bfloat16))  # noqa: E731
     impls.append(Impl("torch-bf16", lambda: (lambda x, y: (lambda: torch.matmul(x, y.t())))(*a16()),
                       note="bf16 operands of the same shape"))
@@ -94,9 +93,8 @@ def bf16_case(ctx: Ctx, m: int, n: int, k: int, label: str) -> Case:
     b = torch.randn(n, k, device=ctx.device, dtype=dt) * k ** -0.5
     impls = [Impl("dskc-default", lambda: (lambda: bf16_gemm(a, b, config=_default("bf16_gemm", ctx))),
                   note="fp16 operands in the smoke run" if ctx.smoke else "")]
-    cfg, why = tuned_config(ctx, "bf16_gemm", {"M": m, "N": n, "K": k})
-    impls.append(Impl("dskc-tuned", lambda: (lambda: bf16_gemm(a, b, config=cfg)), note=why) if cfg
-                 else Impl("dskc-tuned", skip=why))
+    impls.append(tuned_impl(ctx, "bf16_gemm", {"M": m, "N": n, "K": k},
+                            lambda cfg: (lambda: bf16_gemm(a, b, config=cfg))))
     impls.append(Impl("torch-bf16", lambda: (lambda: torch.matmul(a, b.t()))))
     impls.append(compile_impl(ctx, lambda: (lambda x, y: x @ y.t(), (a, b))))
     ref = (a.double() @ b.double().T) if ctx.smoke else None

@@ -12,7 +12,7 @@ import torch
 
 from dskc.benchmark.cases import Case, Impl
 from dskc.benchmark.common import (FLAGGEMS_GBPS, FLASHMLA_GBPS, FLASHMLA_GRID, FLASHMLA_SRC, FLASHMLA_TFLOPS, H800,
-                                   Ctx, compile_impl, have, tuned_config)
+                                   Ctx, compile_impl, have, tuned_impl)
 
 PAGE = 64
 
@@ -59,7 +59,6 @@ def decode_case(ctx: Ctx, h_q, batch, seqlen, kv_format, page=PAGE, dtype=torch.
     scale = 192 ** -0.5
     problem = {"batch": batch, "s_q": 1, "h_q": h_q, "seqlen": seqlen, "page_size": page,
                "kv_fp8": kv_format == "fp8"}
-    cfg, why = tuned_config(ctx, "mla_decode", problem)
     base = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, BLOCK_DV=256, num_warps=4, num_stages=1) if ctx.smoke else None
 
     def dskc(config):
@@ -67,7 +66,7 @@ def decode_case(ctx: Ctx, h_q, batch, seqlen, kv_format, page=PAGE, dtype=torch.
         return lambda: mla.mla_decode(q, cache, bt, seq, scale, kv_format=kv_format, metadata=meta,
                                       config=config, validate=False)[0]
     impls = [Impl("dskc-default", lambda: dskc(base)),
-             Impl("dskc-tuned", lambda: dskc(cfg), note=why) if cfg else Impl("dskc-tuned", skip=why)]
+             tuned_impl(ctx, "mla_decode", problem, dskc)]
     k = _contiguous_kv(cache, bt, seqlen, kv_format, dtype)
     impls.append(Impl("torch-sdpa", lambda: (lambda: _sdpa_decode(q, k, scale)),
                       note="contiguous cache (gather not timed)" + (", dequantised to bf16" if kv_format == "fp8"
@@ -77,9 +76,11 @@ def decode_case(ctx: Ctx, h_q, batch, seqlen, kv_format, page=PAGE, dtype=torch.
         impls.append(Impl("flash_mla", lambda: _flash_mla(q, cache, bt, seq, scale)))
     if not ctx.smoke:
         compute_bound = h_q >= 128
-        impls.append(Impl("published-flashmla", published=(
-            FLASHMLA_TFLOPS if compute_bound else FLASHMLA_GBPS, H800, FLASHMLA_SRC),
-            note="compute-bound figure (TFLOPS)" if compute_bound else "memory-bound figure (GB/s)"))
+        published = (FLASHMLA_TFLOPS, H800, FLASHMLA_SRC, "tflops") if compute_bound else \
+            (FLASHMLA_GBPS, H800, FLASHMLA_SRC, "gbps")
+        impls.append(Impl("published-flashmla", published=published, note=(
+            "compute-bound: 660 TFLOPS published, GB/s implied on this case" if compute_bound
+            else "memory-bound figure (GB/s)")))
         if kv_format == "bf16":
             impls.append(Impl("published-flaggems", published=(FLAGGEMS_GBPS, "H800", "FlagGems (REFERENCE.md "
                                                                                           "section 3), best figure")))
@@ -106,10 +107,9 @@ def prefill_case(ctx: Ctx, heads, seqlen, label, dtype=torch.bfloat16) -> Case:
     cu = torch.tensor([0, seqlen], dtype=torch.int32, device=ctx.device)
     scale = 192 ** -0.5
     impls = [Impl("dskc-default", lambda: (lambda: mla.mla_prefill(q, k, v, cu, scale, causal=True)[0]))]
-    cfg, why = tuned_config(ctx, "mla_prefill", {"batch": 1, "seqlen": seqlen, "heads": heads, "d_qk": 192,
-                                                 "d_v": 128, "kv_fp8": False})
-    impls.append(Impl("dskc-tuned", lambda: (lambda: mla.mla_prefill(q, k, v, cu, scale, causal=True, config=cfg)[0]),
-                      note=why) if cfg else Impl("dskc-tuned", skip=why))
+    problem = {"batch": 1, "seqlen": seqlen, "heads": heads, "d_qk": 192, "d_v": 128, "kv_fp8": False}
+    impls.append(tuned_impl(ctx, "mla_prefill", problem,
+                            lambda cfg: (lambda: mla.mla_prefill(q, k, v, cu, scale, causal=True, config=cfg)[0])))
     impls.append(Impl("torch-sdpa", lambda: (lambda: _sdpa_prefill(q, k, v, scale))))
     impls.append(compile_impl(ctx, lambda: (_sdpa_prefill, (q, k, v, scale))))
     ref = _sdpa_prefill(q.double(), k.double(), v.double(), scale) if ctx.smoke else None

@@ -7,7 +7,7 @@ import torch
 
 from dskc.benchmark.cases import Case, Impl
 from dskc.benchmark.common import (DEEPGEMM_GROUPED, DEEPGEMM_SRC, E4M3, H800, Ctx, compile_impl, have,
-                                   tuned_config)
+                                   tuned_impl)
 
 V3_ROUTE = dict(top_k=8, n_groups=8, n_limited_groups=4, route_scale=2.5)
 
@@ -70,10 +70,8 @@ def grouped_case(ctx: Ctx, layout, g, m, n, k, label) -> Case:
     # fp16 output in the smoke run: the interpreter's bf16 stores are fine, but fp16 keeps the check tight.
     out_dtype = torch.float16 if ctx.smoke else torch.bfloat16
     problem = {"E": g, "M": g * m, "N": n, "K": k, "dtype": "fp8", "layout": layout, "epilogue": "none"}
-    cfg, why = tuned_config(ctx, "grouped_gemm", problem)
     impls = [Impl("dskc-default", lambda: _dskc_grouped(layout, g, m, ops, out_dtype, None)),
-             Impl("dskc-tuned", lambda: _dskc_grouped(layout, g, m, ops, out_dtype, cfg), note=why) if cfg
-             else Impl("dskc-tuned", skip=why)]
+             tuned_impl(ctx, "grouped_gemm", problem, lambda cfg: _dskc_grouped(layout, g, m, ops, out_dtype, cfg))]
     if not ctx.smoke:
         bops = grouped_operands(layout, g, m, n, k, False, ctx.device)
         impls.append(Impl("dskc-bf16", lambda: _dskc_grouped(layout, g, m, bops, torch.bfloat16, None)))

@@ -138,3 +138,50 @@ def test_gpu_slug_and_markdown_cells():
     assert report._cell(row) == "812.3 (82%)"
     assert report._cell(dict(row, kind="published")) == "812.3"
     assert report._cell(dict(row, status="error")) == "error"
+
+
+def _tuned_file(root, config):
+    folder = root / "sm90a"
+    folder.mkdir(parents=True)
+    entry = {"bucket": {"M": 4, "N": 72, "K": 128}, "config": config,
+             "meta": {"gpu": "test", "toolchain": {}, "timing_mode": "model", "date": "2026-11-23"}}
+    (folder / "fp8_gemm_1d2d.json").write_text(json.dumps({
+        "format": 1, "stem": "fp8_gemm_1d2d", "arch": "sm90a", "buckets": {"M": "pow2", "N": "exact", "K": "exact"},
+        "entries": {"M=4,N=72,K=128": entry}}))
+
+
+def test_tuned_row_uses_the_exported_config_and_reports_a_missing_one(tmp_path):
+    """dskc-tuned runs the autotuner's export for the shape (here a small tile, through the interpreter); a shape
+    without an entry gives a skipped row that says so; both next to the default row of the same case."""
+    from dskc.benchmark import gemm
+    from dskc.benchmark.common import Ctx
+    from dskc.benchmark.runner import run_impl
+
+    config = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "SPLIT_K": 1, "UPCAST": 0,
+              "num_warps": 4, "num_stages": 1}
+    _tuned_file(tmp_path, config)
+    ctx = Ctx("cpu", True, "sm90a", None, "off")
+    ceilings = {"bf16_matmul": {"value": 1.0}, "copy": {"value": 1.0}}
+    with knobs.scope(tuned_dir=tmp_path):
+        case = gemm.fp8_case(ctx, 4, 72, 128, "tuned")
+        other = gemm.fp8_case(ctx, 4, 200, 128, "untuned")
+    rows = {i.name: run_impl(ctx, case, i, ceilings) for i in case.impls}
+    assert rows["dskc-tuned"]["status"] == "ok" and "'BLOCK_M': 16" in rows["dskc-tuned"]["note"]
+    assert rows["dskc-tuned"]["rel_err"] < 2e-2 and rows["dskc-default"]["rel_err"] < 2e-2
+    missing = next(i for i in other.impls if i.name == "dskc-tuned")
+    assert missing.skip and "no tuned entry for fp8_gemm_1d2d" in missing.skip
+
+
+def test_unreadable_tuned_export_is_an_error_row(tmp_path):
+    from dskc.benchmark import gemm
+    from dskc.benchmark.common import Ctx
+    from dskc.benchmark.runner import run_impl
+
+    (tmp_path / "sm90a").mkdir()
+    (tmp_path / "sm90a" / "fp8_gemm_1d2d.json").write_text("{broken")
+    ctx = Ctx("cpu", True, "sm90a", None, "off")
+    with knobs.scope(tuned_dir=tmp_path):
+        case = gemm.fp8_case(ctx, 4, 72, 128, "tuned")
+    impl = next(i for i in case.impls if i.name == "dskc-tuned")
+    row = run_impl(ctx, case, impl, {"bf16_matmul": {"value": 1.0}, "copy": {"value": 1.0}})
+    assert row["status"] == "error" and "TunedFileError" in row["note"] and "cannot be read" in row["note"]
