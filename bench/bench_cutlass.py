@@ -9,28 +9,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dskc.benchmark.common import DEEPGEMM_DENSE, DEEPGEMM_GROUPED  # published H800 TFLOPS
+from dskc.benchmark.measure import cuda_time_ms as _time_ms
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUTLASS benches need an sm_90a CUDA GPU")]
 
 E4M3 = torch.float8_e4m3fn
 
-# (M, N, K) -> DeepGEMM's published TFLOPS (dense, 1D2D).
-DENSE = {(64, 2112, 7168): 206, (128, 7168, 16384): 645, (4096, 2112, 7168): 1127, (4096, 24576, 1536): 1212,
-         (4096, 7168, 16384): 1520, (4096, 4096, 7168): 1410}
+# (M, N, K) -> DeepGEMM's published TFLOPS (dense, 1D2D): the subset the CUTLASS stem is compared on.
+DENSE = {s: DEEPGEMM_DENSE[s] for s in ((64, 2112, 7168), (128, 7168, 16384), (4096, 2112, 7168),
+                                         (4096, 24576, 1536), (4096, 7168, 16384), (4096, 4096, 7168))}
 # (groups, rows per group, N, K) -> DeepGEMM's published TFLOPS (grouped, contiguous).
-GROUPED = {(4, 8192, 4096, 7168): 1346, (8, 4096, 7168, 2048): 1214}
-
-
-def _time_ms(fn, iters: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+GROUPED = {key[1:]: v for key, v in DEEPGEMM_GROUPED.items() if key[0] == "contiguous"}
 
 
 def _launcher(stem):

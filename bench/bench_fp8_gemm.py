@@ -5,7 +5,8 @@ Run: `pytest bench/bench_fp8_gemm.py --benchmark-enable` on a CUDA GPU. Per shap
 - "scaled_mm": torch._scaled_mm with row-wise scales (cuBLASLt fp8; coarser scaling than 1D2D, so an upper
   reference rather than the same computation);
 - "bf16": torch.matmul on bf16 operands of the same shape.
-extra_info holds tflops and DeepGEMM's published H800 figure. Without a GPU only the "smoke" case runs: one tiny
+extra_info holds tflops and DeepGEMM's published H800 figure. Shapes and operand builders are shared with
+`dskc bench --suite gemm` (dskc.benchmark), which also runs torch.compile and writes JSON + plots. Without a GPU only the "smoke" case runs: one tiny
 shape through the Triton interpreter (TRITON_INTERPRET=1), so the bench code cannot rot.
 """
 from __future__ import annotations
@@ -14,22 +15,10 @@ import pytest
 import torch
 
 from dskc import knobs
+from dskc.benchmark.common import DEEPGEMM_DENSE as DEEPGEMM  # (M, N, K) -> published TFLOPS, H800 SXM5
+from dskc.benchmark.gemm import fp8_operands as _operands
 
 HAS_GPU = torch.cuda.is_available()
-E4M3 = torch.float8_e4m3fn
-
-# (M, N, K) -> DeepGEMM's published TFLOPS (dense 1D2D, H800 SXM5, NVCC 12.8).
-DEEPGEMM = {(64, 2112, 7168): 206, (64, 24576, 1536): 289, (64, 7168, 16384): 336, (128, 7168, 16384): 645,
-            (128, 4096, 7168): 533, (4096, 2112, 7168): 1127, (4096, 24576, 1536): 1212,
-            (4096, 7168, 16384): 1520, (4096, 4096, 7168): 1410, (4096, 7168, 2048): 1168}
-
-
-def _operands(m, n, k, device):
-    a = (torch.randn(m, k, device=device) * 0.5).to(E4M3)
-    sa = torch.rand(m, k // 128, device=device) + 0.5
-    b = (torch.randn(n, k, device=device) * 0.5).to(E4M3)
-    sb = torch.rand(-(-n // 128), k // 128, device=device) + 0.5
-    return a, sa, b, sb
 
 
 def _impl(name, m, n, k):

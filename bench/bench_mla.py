@@ -2,34 +2,20 @@
 
 GB/s counts the cache bytes the step must read (seqlen x 576 x 2 bytes per sequence for bf16, x 656 for FP8),
 as FlashMLA reports it. Run on a GPU:  pytest bench/bench_mla.py --benchmark-only -k gpu
-The CPU smoke case runs one small decode through the Triton interpreter (TRITON_INTERPRET=1).
+The CPU smoke case runs one small decode through the Triton interpreter (TRITON_INTERPRET=1). The grid, operand
+builder and timer are shared with `dskc bench --suite mla` (dskc.benchmark.mla), which adds SDPA, torch.compile
+and FlashMLA (when importable) in the same run.
 """
-import math
-
 import pytest
 import torch
 
 from dskc import knobs
+from dskc.benchmark.common import FLASHMLA_GRID as GRID  # (h_q, batch, seqlen) of FlashMLA's decode grid
+from dskc.benchmark.measure import cuda_time_ms as _time_ms
+from dskc.benchmark.mla import decode_operands
 from dskc.ops import mla
 
-PAGE = 64
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-GRID = [(h, b, n) for h in (16, 32, 64, 128) for b in (64, 128) for n in (4096, 16384)]
-
-
-def _time_ms(fn, iters=20) -> float:
-    """Median of CUDA-event timings of `fn` after a warm-up call."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +25,8 @@ def copy_gbps():
         pytest.skip("needs a CUDA GPU")
     src = torch.empty(1 << 30, dtype=torch.int16, device="cuda")
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), iters=10)
+    ms = _time_ms(lambda: dst.copy_(src), samples=10)
     return 2 * src.numel() * 2 / ms / 1e6
-
-
-def _decode_case(h_q, batch, seqlen, kv_format, device):
-    pages = math.ceil(seqlen / PAGE)
-    num_blocks = batch * pages
-    block_table = torch.randperm(num_blocks, device=device, dtype=torch.int64).view(batch, pages).to(torch.int32)
-    if kv_format == "fp8":
-        cache = torch.empty(num_blocks, PAGE, 1, mla.FP8_TOKEN_BYTES, dtype=torch.uint8, device=device)
-        cache.copy_(mla.quantize_mla_cache_fp8(torch.randn(num_blocks, PAGE, 1, 576, device=device,
-                                                           dtype=torch.bfloat16)))
-    else:
-        cache = torch.randn(num_blocks, PAGE, 1, 576, device=device, dtype=torch.bfloat16)
-    q = torch.randn(batch, 1, h_q, 576, device=device, dtype=torch.bfloat16)
-    seqlens = torch.full((batch,), seqlen, dtype=torch.int32, device=device)
-    return q, cache, block_table, seqlens
 
 
 @gpu
@@ -63,7 +34,7 @@ def _decode_case(h_q, batch, seqlen, kv_format, device):
 @pytest.mark.parametrize("kv_format", ["bf16", "fp8"])
 @pytest.mark.parametrize("h_q,batch,seqlen", GRID)
 def test_gpu_decode_bandwidth(benchmark, copy_gbps, h_q, batch, seqlen, kv_format):
-    q, cache, bt, seq = _decode_case(h_q, batch, seqlen, kv_format, "cuda")
+    q, cache, bt, seq = decode_operands(h_q, batch, seqlen, kv_format, "cuda")
     meta = mla.get_mla_metadata(seq, h_q, 1)
     scale = 576 ** -0.5
 

@@ -9,7 +9,8 @@ extra_info holds tflops (useful rows only) and DeepGEMM's published H800 figure.
 test_fused_moe times the whole DeepSeek-V3 MoE layer (E=256, D=7168, I=2048, top-8 of 8 groups keep 4, one shared
 expert) at 1, 128 and 4096 tokens: dskc.ops.fused_moe in fp8 and bf16 next to `torch_moe`, the same block in plain
 PyTorch on torch._grouped_mm (bf16). Without a GPU only the "smoke" case runs: a tiny grouped GEMM and a tiny
-fused_moe (checked against torch_moe) through the Triton interpreter, so the bench cannot rot.
+fused_moe (checked against torch_moe) through the Triton interpreter, so the bench cannot rot. Shapes, operand
+builders and torch_moe are shared with `dskc bench --suite moe` (dskc.benchmark.moe).
 """
 from __future__ import annotations
 
@@ -17,25 +18,12 @@ import pytest
 import torch
 
 from dskc import knobs
+from dskc.benchmark.common import DEEPGEMM_GROUPED as DEEPGEMM  # (layout, G, M, N, K) -> published TFLOPS
+from dskc.benchmark.moe import V3_ROUTE, torch_moe
+from dskc.benchmark.moe import grouped_operands as _operands
+from dskc.benchmark.moe import moe_layer as _moe_layer
 
 HAS_GPU = torch.cuda.is_available()
-E4M3 = torch.float8_e4m3fn
-
-# (layout, groups, M per group, N, K) -> DeepGEMM's published TFLOPS (H800 SXM5). Masked: M per group = M_max,
-# every group full (masked_m = M_max), as in DeepGEMM's table.
-DEEPGEMM = {("contiguous", 4, 8192, 4096, 7168): 1346, ("contiguous", 8, 4096, 7168, 2048): 1214,
-            ("masked", 1, 1024, 4096, 7168): 1233, ("masked", 4, 256, 7168, 2048): 815}
-
-
-def _operands(layout, g, m, n, k, fp8, device):
-    rows = (g * m,) if layout == "contiguous" else (g, m)
-    a = torch.randn(*rows, k, device=device) * 0.5
-    b = torch.randn(g, n, k, device=device) * 0.5
-    if not fp8:
-        return a.to(torch.bfloat16), None, b.to(torch.bfloat16), None
-    sa = torch.rand(*rows, k // 128, device=device) + 0.5
-    sb = torch.rand(g, -(-n // 128), k // 128, device=device) + 0.5
-    return a.to(E4M3), sa, b.to(E4M3), sb
 
 
 def _impl(name, layout, g, m, n, k):
@@ -75,50 +63,6 @@ def test_grouped_gemm(benchmark, shape, impl):
     mean = benchmark.stats.stats.mean if benchmark.stats else float("nan")
     benchmark.extra_info.update(impl=impl, layout=layout, tflops=2.0 * g * m * n * k / mean / 1e12,
                                 deepgemm_h800_tflops=DEEPGEMM[shape])
-
-
-def torch_moe(x, gate_weight, gate_bias, w13, w2, shared, *, top_k, n_groups, n_limited_groups, route_scale):
-    """The V3 MoE block (sigmoid gate) in PyTorch: sort by expert, two torch._grouped_mm, index_add (bf16)."""
-    scores = (x.float() @ gate_weight.float().t()).sigmoid()
-    sel = (scores + gate_bias).view(x.shape[0], n_groups, -1)
-    keep = sel.topk(2, -1)[0].sum(-1).topk(n_limited_groups, -1)[1]
-    drop = torch.ones(sel.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, keep, False)
-    ids = sel.masked_fill(drop[:, :, None], float("-inf")).flatten(1).topk(top_k, -1)[1]
-    w = scores.gather(1, ids)
-    w = w / w.sum(-1, keepdim=True) * route_scale
-    order = ids.flatten().argsort(stable=True)
-    offs = torch.bincount(ids.flatten(), minlength=w13.shape[0]).cumsum(0).to(torch.int32)
-    tok = order // top_k
-    h = torch._grouped_mm(x[tok], w13.transpose(-2, -1), offs=offs)
-    inter = w13.shape[1] // 2
-    y = torch._grouped_mm((torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).contiguous(),
-                          w2.transpose(-2, -1), offs=offs)
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    out.index_add_(0, tok, y.float() * w.flatten()[order, None])
-    s = shared
-    out += (torch.nn.functional.silu(x @ s["w1"].t()) * (x @ s["w3"].t())) @ s["w2"].t()
-    return out.to(x.dtype)
-
-
-def _moe_layer(E, D, I, fp8, device, dtype=torch.bfloat16):
-    """Random V3-shaped MoE weights: (gate_weight, gate_bias, w13, w13_scale, w2, w2_scale, shared)."""
-    def weight(*shape):
-        w = torch.randn(*shape, device=device, dtype=dtype) * shape[-1] ** -0.5
-        if not fp8:
-            return w, None
-        lead, n, k = shape[:-2], shape[-2], shape[-1]
-        return (w * shape[-1] ** 0.5).to(E4M3), torch.full((*lead, n // 128, k // 128), k ** -0.5, device=device)
-    (w13, s13), (w2, s2) = weight(E, 2 * I, D), weight(E, D, I)
-    shared = {}
-    for name, shape in (("w1", (I, D)), ("w3", (I, D)), ("w2", (D, I))):
-        shared[name], scale = weight(*shape)
-        if fp8:
-            shared[name + "_scale"] = scale
-    gate = torch.randn(E, D, device=device) * D ** -0.5
-    return gate, torch.randn(E, device=device) * 0.1, w13, s13, w2, s2, shared
-
-
-V3_ROUTE = dict(top_k=8, n_groups=8, n_limited_groups=4, route_scale=2.5)
 
 
 @pytest.fixture(scope="module")
