@@ -110,8 +110,9 @@ def run_cases(ctx: Ctx, suite: str, ceilings: dict, opts: Options) -> list[dict]
     return rows
 
 
-def build_doc(opts: Options) -> dict:
-    """Run the suite and return its validated result document (nothing written)."""
+def build_doc(opts: Options, on_suite=None) -> dict:
+    """Run the suite and return its validated result document. on_suite(doc), if given, receives the valid partial
+    document after each sub-suite of "smoke" / "all" (run() writes it, so a run killed later keeps its results)."""
     if opts.suite not in SUITES:
         raise ValueError(f"unknown suite {opts.suite!r}; choose one of {SUITES}")
     smoke = opts.suite == "smoke"
@@ -122,17 +123,25 @@ def build_doc(opts: Options) -> dict:
         torch.set_num_threads(1)
     try:
         ceilings = measure.ceilings(ctx.device)
+        env = measure.environment(ctx.device)
         rows = []
         for name in KERNEL_SUITES if opts.suite in ("smoke", "all") else (opts.suite,):
             rows.extend(run_cases(ctx, name, ceilings, opts))
+            doc = _document(opts.suite, smoke, started, env, ceilings, rows)
+            if on_suite is not None:
+                on_suite(doc)
     finally:
         torch.set_num_threads(threads)
+    return doc
+
+
+def _document(suite: str, smoke: bool, started: str, env: dict, ceilings: dict, rows: list) -> dict:
     from dskc.benchmark.model import kv_cache_rows
-    doc = {"schema": "dskc-bench", "version": schema.VERSION, "suite": opts.suite,
-           "mode": "cpu-smoke" if smoke else "gpu",
+
+    doc = {"schema": "dskc-bench", "version": schema.VERSION, "suite": suite, "mode": "cpu-smoke" if smoke else "gpu",
            "label": schema.SMOKE_LABEL if smoke else "GPU run: figures measured on the GPU named in env",
-           "date": started, "env": measure.environment(ctx.device), "ceilings": ceilings,
-           "impls": {r["impl"]: IMPLS[r["impl"]] for r in rows}, "results": rows, "kv_cache": kv_cache_rows()}
+           "date": started, "env": env, "ceilings": ceilings,
+           "impls": {r["impl"]: IMPLS[r["impl"]] for r in rows}, "results": list(rows), "kv_cache": kv_cache_rows()}
     return schema.validate(doc)
 
 
@@ -158,4 +167,5 @@ def write(doc: dict, out: Path, plot: bool = True) -> dict[str, Path]:
 
 
 def run(opts: Options) -> dict[str, Path]:
-    return write(build_doc(opts), opts.out, opts.plot)
+    """Run the suite and write its files (JSON + markdown after every sub-suite, the PNG at the end)."""
+    return write(build_doc(opts, on_suite=lambda doc: write(doc, opts.out, plot=False)), opts.out, opts.plot)
