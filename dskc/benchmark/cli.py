@@ -21,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="per-suite seconds; cases after it are recorded as skipped (default: no limit)")
     p.add_argument("--torch-compile", default="max-autotune-no-cudagraphs",
                    help="torch.compile mode of the kernel baselines, or 'off' (default max-autotune-no-cudagraphs)")
+    p.add_argument("--compile-budget-s", type=float, default=None,
+                   help="per-suite seconds for torch.compile rows; later ones are recorded as skipped")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true", help="no per-row progress lines")
     p.add_argument("--validate", type=Path, metavar="JSON", help="only check a result file against the schema")
@@ -37,11 +39,13 @@ def main(argv: list[str]) -> int:
             return 1
         print(f"{args.validate}: valid dskc-bench result (schema version {schema.VERSION})")
         return 0
-    if args.budget_s is not None and args.budget_s <= 0:
-        print("dskc bench: --budget-s must be positive", file=sys.stderr)
-        return 2
+    for name in ("budget_s", "compile_budget_s"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            print(f"dskc bench: --{name.replace('_', '-')} must be positive", file=sys.stderr)
+            return 2
     mode = None if args.torch_compile == "off" else args.torch_compile
-    opts = runner.Options(args.suite, args.out, args.budget_s, mode, not args.no_plot, not args.quiet)
+    opts = runner.Options(args.suite, args.out, args.budget_s, mode, not args.no_plot, not args.quiet,
+                          args.compile_budget_s)
     try:
         paths = runner.run(opts)
     except RuntimeError as exc:

@@ -27,13 +27,16 @@ KERNEL_SUITES = ("gemm", "moe", "mla", "model")
 @dataclasses.dataclass(frozen=True)
 class Options:
     """suite: one of SUITES; out: results root; budget_s: per-suite seconds after which the remaining cases are
-    recorded as skipped; compile_mode: torch.compile mode for kernel baselines (None: off); plot: write the PNG."""
+    recorded as skipped; compile_mode: torch.compile mode for kernel baselines (None: off); plot: write the PNG;
+    compile_budget_s: per-suite seconds of torch.compile rows (compile + timing) after which the remaining
+    torch.compile rows of that suite are recorded as skipped (max-autotune costs tens of seconds per shape)."""
     suite: str
     out: Path
     budget_s: float | None = None
     compile_mode: str | None = "max-autotune-no-cudagraphs"
     plot: bool = True
     progress: bool = True
+    compile_budget_s: float | None = None
 
 
 def _suite_cases(name: str, ctx: Ctx):
@@ -93,14 +96,21 @@ def _print_row(r: dict) -> None:
 
 
 def run_cases(ctx: Ctx, suite: str, ceilings: dict, opts: Options) -> list[dict]:
-    rows, start = [], time.perf_counter()
+    rows, start, compiling = [], time.perf_counter(), 0.0
     for case in _suite_cases(suite, ctx):
         spent = time.perf_counter() - start
         if opts.budget_s is not None and spent > opts.budget_s:
             rows.extend(_skipped(case, f"time budget of {opts.budget_s:.0f} s for suite {suite} spent"))
             continue
         for impl in case.impls:
+            if impl.name == "torch-compile" and opts.compile_budget_s is not None and not impl.skip \
+                    and compiling > opts.compile_budget_s:
+                impl = dataclasses.replace(impl, skip=f"torch.compile budget of {opts.compile_budget_s:.0f} s "
+                                                      f"for suite {suite} spent")
+            t0 = time.perf_counter()
             rows.append(run_impl(ctx, case, impl, ceilings))
+            if impl.name == "torch-compile":
+                compiling += time.perf_counter() - t0
             if opts.progress:
                 _print_row(rows[-1])
         del case
@@ -167,5 +177,5 @@ def write(doc: dict, out: Path, plot: bool = True) -> dict[str, Path]:
 
 
 def run(opts: Options) -> dict[str, Path]:
-    """Run the suite and write its files (JSON + markdown after every sub-suite, the PNG at the end)."""
-    return write(build_doc(opts, on_suite=lambda doc: write(doc, opts.out, plot=False)), opts.out, opts.plot)
+    """Run the suite and write its files (again after every sub-suite, so a killed run keeps what it measured)."""
+    return write(build_doc(opts, on_suite=lambda doc: write(doc, opts.out, opts.plot)), opts.out, opts.plot)

@@ -185,3 +185,30 @@ def test_unreadable_tuned_export_is_an_error_row(tmp_path):
     impl = next(i for i in case.impls if i.name == "dskc-tuned")
     row = run_impl(ctx, case, impl, {"bf16_matmul": {"value": 1.0}, "copy": {"value": 1.0}})
     assert row["status"] == "error" and "TunedFileError" in row["note"] and "cannot be read" in row["note"]
+
+
+def test_time_budgets_skip_later_rows_and_say_so(monkeypatch, tmp_path):
+    """--budget-s skips whole cases after the suite's budget, --compile-budget-s only later torch.compile rows;
+    every skipped row stays in the result with the reason."""
+    import time
+
+    from dskc.benchmark import runner
+    from dskc.benchmark.cases import Case, Impl
+    from dskc.benchmark.common import Ctx
+
+    def cases(name, ctx):
+        for i in range(3):
+            slow = Impl("torch-compile", lambda: (lambda: time.sleep(0.03)))
+            fast = Impl("torch-bf16", lambda: (lambda: time.sleep(0.03)))
+            yield Case("gemm", f"case {i}", "x", {"i": i}, (fast, slow), flops=1e3, bytes=1e3)
+    monkeypatch.setattr(runner, "_suite_cases", cases)
+    ctx = Ctx("cpu", True, None, None, "off")
+    ceilings = {"bf16_matmul": {"value": 1.0}, "copy": {"value": 1.0}}
+    opts = runner.Options("gemm", tmp_path, compile_budget_s=0.05, progress=False)
+    rows = runner.run_cases(ctx, "gemm", ceilings, opts)
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "skipped", "ok", "skipped"]
+    assert rows[3]["impl"] == "torch-compile" and "torch.compile budget of 0 s for suite gemm spent" in rows[3]["note"]
+    opts = runner.Options("gemm", tmp_path, budget_s=0.05, progress=False)
+    rows = runner.run_cases(ctx, "gemm", ceilings, opts)
+    assert [r["status"] for r in rows] == ["ok", "ok", "skipped", "skipped", "skipped", "skipped"]
+    assert "time budget of 0 s for suite gemm spent" in rows[-1]["note"]
