@@ -27,7 +27,6 @@ IMPLS = {
     "published-deepgemm": "DeepGEMM's published figure (REFERENCE.md section 3), not measured here",
     "published-flashmla": "FlashMLA's published figure (REFERENCE.md section 3), not measured here",
     "published-flaggems": "FlagGems' Triton MLA decode as published (REFERENCE.md section 3), not measured here",
-    "kv-cache": "KV-cache bytes per token, all layers (dskc.model.kv_cache_bytes_per_token)",
 }
 
 
