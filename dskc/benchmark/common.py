@@ -78,7 +78,11 @@ def tuned_impl(ctx: Ctx, stem: str, problem: dict, run) -> "Impl":
 
 
 def compiled(ctx: Ctx, fn):
-    """torch.compile(fn) with the run's mode (the caller only uses it when ctx.compile_mode is set)."""
+    """torch.compile(fn) with the run's mode (the caller only uses it when ctx.compile_mode is set).
+
+    Dynamo's caches are reset first: every case compiles the same baseline function (one code object) at a new
+    shape, and past the recompile limit (8) Dynamo would silently run it eager."""
+    torch._dynamo.reset()
     return torch.compile(fn, mode=ctx.compile_mode, dynamic=False)
 
 

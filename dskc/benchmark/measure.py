@@ -15,9 +15,9 @@ import time
 import torch
 
 
-def cuda_time_ms(fn, warmup: int = 3, samples: int = 15) -> float:
+def cuda_time_ms(fn, warmup: int = 3, samples: int = 15, max_s: float = 3.0) -> float:
     """Median milliseconds of one call of `fn` on the current CUDA device (CUDA events, calls batched so that one
-    sample lasts ~1 ms or more)."""
+    sample lasts ~1 ms or more; fewer samples, at least 3, for calls so slow that `samples` would pass max_s)."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     for _ in range(warmup):
@@ -26,7 +26,9 @@ def cuda_time_ms(fn, warmup: int = 3, samples: int = 15) -> float:
     t0 = time.perf_counter()
     fn()
     torch.cuda.synchronize()
-    reps = max(1, min(100, int(1e-3 / max(time.perf_counter() - t0, 1e-6))))
+    once = max(time.perf_counter() - t0, 1e-6)
+    reps = max(1, min(100, int(1e-3 / once)))
+    samples = max(min(samples, 3), min(samples, int(max_s / once)))
     times = []
     for _ in range(samples):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

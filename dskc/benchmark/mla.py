@@ -39,17 +39,20 @@ def _contiguous_kv(cache, bt, seqlen, kv_format, dtype):
 
 
 def _sdpa_decode(q, k, scale):
-    """q [b, 1, h, 576], k [b, 1, n, 576] -> [b, 1, h, 512] (value = the first 512 latent channels)."""
-    return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, k[..., :512], scale=scale,
-                                                            enable_gqa=True).transpose(1, 2)
+    """q [b, 1, h, 576], k [b, 1, n, 576] -> [b, 1, h, 512] (value = the first 512 latent channels).
+
+    One KV head: the h query heads are passed as h query rows of a single head (the same result for a one-token
+    non-causal decode), so SDPA never expands the cache to h heads."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, k[..., :512], scale=scale)
 
 
-def _flash_mla(q, cache, bt, seq, scale):
+def _flash_mla(q, cache, bt, seq, scale, fp8):
     import flash_mla
 
     meta, splits = flash_mla.get_mla_metadata(seq, q.shape[1] * q.shape[2], 1)
+    extra = {"is_fp8_kvcache": True} if fp8 else {}
     return lambda: flash_mla.flash_mla_with_kvcache(q, cache, bt, seq, 512, meta, splits, softmax_scale=scale,
-                                                    causal=False)
+                                                    causal=False, **extra)
 
 
 def decode_case(ctx: Ctx, h_q, batch, seqlen, kv_format, page=PAGE, dtype=torch.bfloat16) -> Case:
@@ -73,7 +76,7 @@ def decode_case(ctx: Ctx, h_q, batch, seqlen, kv_format, page=PAGE, dtype=torch.
                                                                      else "")))
     impls.append(compile_impl(ctx, lambda: (_sdpa_decode, (q, k, scale))))
     if ctx.gpu and have("flash_mla"):
-        impls.append(Impl("flash_mla", lambda: _flash_mla(q, cache, bt, seq, scale)))
+        impls.append(Impl("flash_mla", lambda: _flash_mla(q, cache, bt, seq, scale, kv_format == "fp8")))
     if not ctx.smoke:
         compute_bound = h_q >= 128
         published = (FLASHMLA_TFLOPS, H800, FLASHMLA_SRC, "tflops") if compute_bound else \
@@ -93,10 +96,10 @@ def decode_case(ctx: Ctx, h_q, batch, seqlen, kv_format, page=PAGE, dtype=torch.
 
 
 def _sdpa_prefill(q, k, v, scale):
-    """[T, H, D] single sequence, causal."""
-    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                                           is_causal=True, scale=scale)
-    return out.transpose(0, 1)
+    """[T, H, D] single sequence, causal (as [1, H, T, D]: the fused SDPA backends take 4-D inputs only)."""
+    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return out[0].transpose(0, 1)
 
 
 def prefill_case(ctx: Ctx, heads, seqlen, label, dtype=torch.bfloat16) -> Case:

@@ -12,6 +12,8 @@ from dskc.benchmark.cases import Case, Impl
 from dskc.benchmark.common import Ctx
 
 MODEL_COMPILE_MODE = "default"   # max-autotune on a whole model takes far longer than a GPU check may run
+PREFILL_CHUNK = 256              # decode cases fill the cache in chunks: V3's eager scores at batch 64 x 1024 x
+                                 # 128 heads x 1024 keys would take 34 GB at once
 
 
 @torch.no_grad()
@@ -64,7 +66,8 @@ def _impls(ctx: Ctx, get, tok, prompt: int, decode: bool):
             if not decode:
                 return lambda: model(tok[:, :prompt], 0)
             if not ctx.smoke:  # the smoke run skips filling the cache (one interpreted prefill costs seconds)
-                model(tok[:, :prompt], 0)
+                for start in range(0, prompt, PREFILL_CHUNK):   # chunks bound the eager attention scores' memory
+                    model(tok[:, start:min(start + PREFILL_CHUNK, prompt)], start)
             return lambda: model(tok[:, prompt:], prompt)
         return ready
     impls = [Impl("dskc", make("dskc"), note="interpreted kernels (smoke)" if ctx.smoke else ""),
