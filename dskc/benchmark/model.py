@@ -62,6 +62,8 @@ def _build(ctx: Ctx, name: str, overrides: dict):
 def _impls(ctx: Ctx, get, tok, prompt: int, decode: bool):
     def make(impl):
         def ready():
+            if impl == "torch-compile":  # fresh caches per case: the recompile limit (8) would turn it eager
+                torch._dynamo.reset()
             model = get(impl)
             if not decode:
                 return lambda: model(tok[:, :prompt], 0)

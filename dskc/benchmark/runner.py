@@ -17,7 +17,7 @@ import torch
 
 from dskc.benchmark import measure, schema
 from dskc.benchmark.cases import IMPLS, Case, Impl, empty_row, fill_figures, published_row
-from dskc.benchmark.common import Ctx, make_ctx, rel_err
+from dskc.benchmark.common import Ctx, have, make_ctx, rel_err
 
 log = logging.getLogger("dskc.bench")
 SUITES = ("smoke", "gemm", "moe", "mla", "model", "all")
@@ -178,4 +178,6 @@ def write(doc: dict, out: Path, plot: bool = True) -> dict[str, Path]:
 
 def run(opts: Options) -> dict[str, Path]:
     """Run the suite and write its files (again after every sub-suite, so a killed run keeps what it measured)."""
+    if opts.plot and not have("matplotlib"):
+        raise RuntimeError("the PNG needs matplotlib (pip install 'dskc[plot]'); or pass --no-plot")
     return write(build_doc(opts, on_suite=lambda doc: write(doc, opts.out, opts.plot)), opts.out, opts.plot)
