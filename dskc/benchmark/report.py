@@ -43,11 +43,22 @@ def _suite_table(rows: list[dict]) -> list[str]:
     impls += sorted({r["impl"] for r in rows} - set(impls))
     cases = list(dict.fromkeys(r["case"] for r in rows))
     by = {(r["case"], r["impl"]): r for r in rows}
-    lines = ["| case | unit | " + " | ".join(impls) + " |", "|---|---|" + "---|" * len(impls)]
+    lines = ["| case | unit | " + " | ".join(impls) + " | dskc / best measured baseline |",
+             "|---|---|" + "---|" * (len(impls) + 1)]
     for case in cases:
         unit = UNITS[next(r["primary"] for r in rows if r["case"] == case)]
-        lines.append(f"| {case} | {unit} | " + " | ".join(_cell(by.get((case, i))) for i in impls) + " |")
+        mine = [r for r in rows if r["case"] == case]
+        lines.append(f"| {case} | {unit} | " + " | ".join(_cell(by.get((case, i))) for i in impls)
+                     + f" | {_ratio(mine)} |")
     return lines
+
+
+def _ratio(rows: list[dict]) -> str:
+    """Best dskc figure over the best measured baseline's (published rows excluded), e.g. "1.24x"."""
+    ok = [r for r in rows if r["status"] == "ok" and r["kind"] == "measured"]
+    dskc = [r[r["primary"]] for r in ok if r["impl"].startswith("dskc")]
+    base = [r[r["primary"]] for r in ok if not r["impl"].startswith("dskc")]
+    return f"{max(dskc) / max(base):.2f}x" if dskc and base and max(base) > 0 else ""
 
 
 def _notes(rows: list[dict]) -> list[str]:

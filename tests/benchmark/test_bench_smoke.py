@@ -138,6 +138,9 @@ def test_gpu_slug_and_markdown_cells():
     assert report._cell(row) == "812.3 (82%)"
     assert report._cell(dict(row, kind="published")) == "812.3"
     assert report._cell(dict(row, status="error")) == "error"
+    rows = [dict(row, impl="dskc-default"), dict(row, impl="torch-bf16", tflops=406.17),
+            dict(row, impl="published-deepgemm", kind="published", tflops=1500.0)]
+    assert report._ratio(rows) == "2.00x"
 
 
 def _tuned_file(root, config):
