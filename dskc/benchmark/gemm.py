@@ -1,6 +1,7 @@
 """GEMM suite: the dense FP8 1D2D stem on DeepGEMM's shape table and the DeepSeek-V3 layer linears, the bf16 stem
 on the DeepSeek-V2-Lite layer linears (bf16 weights; its 10944-wide MLP is not a multiple of 128), next to torch
-eager, torch._scaled_mm, torch.compile, DeepGEMM (when importable) and DeepGEMM's published figures."""
+eager, torch._scaled_mm, torch.compile, DeepGEMM (when importable) and DeepGEMM's published figures; and the
+activation quantisation feeding the FP8 GEMMs (stem act_quant) next to the same recipe in PyTorch."""
 from __future__ import annotations
 
 import torch
@@ -103,11 +104,35 @@ def bf16_case(ctx: Ctx, m: int, n: int, k: int, label: str) -> Case:
                 ref=(lambda: ref) if ref is not None else None)
 
 
+def torch_act_quant(x):
+    """1x128 e4m3 quantisation in PyTorch: (q [M, K] e4m3, s [M, K/128] fp32), amax clamped to 1e-4."""
+    m, k = x.shape
+    blocks = x.float().view(m, k // 128, 128)
+    s = blocks.abs().amax(-1).clamp_min(1e-4) / 448.0
+    return (blocks / s[..., None]).to(E4M3).view(m, k), s
+
+
+def act_quant_case(ctx: Ctx, m: int, k: int, label: str) -> Case:
+    """Per-token 1x128 activation quantisation (stem act_quant): memory-bound, GB/s."""
+    from dskc.ops import act_quant
+
+    x = torch.randn(m, k, device=ctx.device, dtype=torch.bfloat16)
+    impls = [Impl("dskc-default", lambda: (lambda: act_quant(x, config=_default("act_quant", ctx)))),
+             tuned_impl(ctx, "act_quant", {"M": m, "K": k}, lambda cfg: (lambda: act_quant(x, config=cfg))),
+             Impl("torch-bf16", lambda: (lambda: torch_act_quant(x)), note="amax / scale / cast in eager PyTorch"),
+             compile_impl(ctx, lambda: (torch_act_quant, (x,)))]
+    ref = torch_act_quant(x)[0] if ctx.smoke else None
+    return Case("gemm", f"act_quant {label} M={m} K={k}", "act_quant", {"M": m, "K": k}, tuple(impls),
+                bytes=float(m * k * 2 + m * k + m * (k // 128) * 4), primary="gbps",
+                ref=(lambda: ref) if ref is not None else None)
+
+
 def cases(ctx: Ctx):
     """Yield the suite's cases (lazily: operands of one case live while it runs)."""
     if ctx.smoke:
         yield fp8_case(ctx, 3, 72, 128, "smoke")
         yield bf16_case(ctx, 5, 72, 64, "smoke")
+        yield act_quant_case(ctx, 5, 256, "smoke")
         return
     for m, n, k in sorted(DEEPGEMM_DENSE):
         yield fp8_case(ctx, m, n, k, "deepgemm-table")
@@ -119,3 +144,5 @@ def cases(ctx: Ctx):
                 yield fp8_case(ctx, m, n, k, f"deepseek-v3 {lin}")
         for lin, n, k in layer_linears("deepseek-v2-lite"):
             yield bf16_case(ctx, m, n, k, f"deepseek-v2-lite {lin}")
+        for k in (7168, 16384):   # V3's hidden size and its attention output width
+            yield act_quant_case(ctx, m, k, "deepseek-v3")

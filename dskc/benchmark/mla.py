@@ -123,13 +123,46 @@ def prefill_case(ctx: Ctx, heads, seqlen, label, dtype=torch.bfloat16) -> Case:
                 ref=(lambda: ref) if ref is not None else None)
 
 
+def torch_rope_norm(kv_a, weight, rope_table, positions, eps=1e-6):
+    """RMSNorm of the 512 latent channels and RoPE of the 64 rope-key channels of kv_a [T, 576], in PyTorch."""
+    from dskc.model.mla import apply_rope
+
+    latent = torch.nn.functional.rms_norm(kv_a[:, :512], (512,), weight, eps)
+    k_pe = apply_rope(kv_a[None, :, None, 512:], rope_table[positions.long()])
+    return latent, k_pe.view(-1, 64)
+
+
+def rope_case(ctx: Ctx, tokens: int, label: str, dtype=torch.bfloat16) -> Case:
+    """The fused RMSNorm + RoPE of the new tokens' latent and rope key (stem mla_rope), no cache write."""
+    from dskc.model import get_config
+    from dskc.model.mla import precompute_rope
+    from dskc.ops import mla
+
+    table = precompute_rope(get_config("deepseek-v3", max_seq_len=8192), device=ctx.device)
+    kv = torch.randn(tokens, 576, device=ctx.device, dtype=dtype)
+    weight = 1 + 0.1 * torch.randn(512, device=ctx.device, dtype=dtype)
+    pos = torch.randint(0, 8192, (tokens,), device=ctx.device, dtype=torch.int32)
+    impls = [Impl("dskc-default", lambda: (lambda: mla.rope_norm_cache_write(kv, weight, table, pos))),
+             tuned_impl(ctx, "mla_rope", {"tokens": tokens, "h_q": 0, "kv_fp8": False},
+                        lambda cfg: (lambda: mla.rope_norm_cache_write(kv, weight, table, pos, config=cfg))),
+             Impl("torch-bf16", lambda: (lambda: torch_rope_norm(kv, weight, table, pos))),
+             compile_impl(ctx, lambda: (torch_rope_norm, (kv, weight, table, pos)))]
+    ref = torch_rope_norm(kv.double(), weight.double(), table.double(), pos)[0] if ctx.smoke else None
+    return Case("mla", f"rope+norm {label} tokens={tokens}", "mla_rope", {"T": tokens}, tuple(impls),
+                bytes=float(2 * tokens * 576 * kv.element_size() + tokens * 4), primary="gbps",
+                ref=(lambda: ref) if ref is not None else None)
+
+
 def cases(ctx: Ctx):
     if ctx.smoke:  # fp16 through the interpreter (its bf16 tl.dot is wrong, triton #11584)
         yield decode_case(ctx, 4, 2, 40, "bf16", page=16, dtype=torch.float16)
         yield prefill_case(ctx, 2, 24, "smoke", dtype=torch.float16)
+        yield rope_case(ctx, 7, "smoke", dtype=torch.float32)
         return
     for kv_format in ("bf16", "fp8"):
         for h_q, batch, seqlen in FLASHMLA_GRID:
             yield decode_case(ctx, h_q, batch, seqlen, kv_format)
     for name, heads in (("deepseek-v3", 128), ("deepseek-v2-lite", 16)):
         yield prefill_case(ctx, heads, 4096, name)
+    for tokens in (64, 4096):
+        yield rope_case(ctx, tokens, "deepseek-v3")

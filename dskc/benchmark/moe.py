@@ -94,15 +94,21 @@ def _grouped_fn(layout, g, m, device):
     return lambda a, b: torch._grouped_mm(a, b.transpose(-2, -1), offs=offs, out_dtype=torch.bfloat16)
 
 
-def torch_moe(x, gate_weight, gate_bias, w13, w2, shared, *, top_k, n_groups, n_limited_groups, route_scale):
-    """The V3 MoE block (sigmoid gate) in PyTorch: sort by expert, two torch._grouped_mm, index_add (bf16)."""
-    scores = (x.float() @ gate_weight.float().t()).sigmoid()
-    sel = (scores + gate_bias).view(x.shape[0], n_groups, -1)
+def torch_route(logits, bias, *, top_k, n_groups, n_limited_groups, route_scale):
+    """The V3 sigmoid gate on logits in PyTorch: (weights [T, top_k] fp32, ids [T, top_k] int64)."""
+    scores = logits.sigmoid()
+    sel = (scores + bias).view(logits.shape[0], n_groups, -1)
     keep = sel.topk(2, -1)[0].sum(-1).topk(n_limited_groups, -1)[1]
-    drop = torch.ones(sel.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, keep, False)
+    drop = torch.ones(sel.shape[:2], dtype=torch.bool, device=logits.device).scatter_(1, keep, False)
     ids = sel.masked_fill(drop[:, :, None], float("-inf")).flatten(1).topk(top_k, -1)[1]
     w = scores.gather(1, ids)
-    w = w / w.sum(-1, keepdim=True) * route_scale
+    return w / w.sum(-1, keepdim=True) * route_scale, ids
+
+
+def torch_moe(x, gate_weight, gate_bias, w13, w2, shared, *, top_k, n_groups, n_limited_groups, route_scale):
+    """The V3 MoE block (sigmoid gate) in PyTorch: sort by expert, two torch._grouped_mm, index_add (bf16)."""
+    w, ids = torch_route(x.float() @ gate_weight.float().t(), gate_bias, top_k=top_k, n_groups=n_groups,
+                         n_limited_groups=n_limited_groups, route_scale=route_scale)
     order = ids.flatten().argsort(stable=True)
     offs = torch.bincount(ids.flatten(), minlength=w13.shape[0]).cumsum(0).to(torch.int32)
     tok = order // top_k
@@ -135,22 +141,11 @@ def moe_layer(E, D, I, fp8, device, dtype=torch.bfloat16):
     return gate, torch.randn(E, device=device) * 0.1, w13, s13, w2, s2, shared
 
 
-def _route_ids(x, gate, bias, top_k, n_groups, n_limited_groups, route_scale):
-    """(weights fp32, ids int32) of torch_moe's routing, for libraries that take routed ids (vLLM)."""
-    scores = (x.float() @ gate.float().t()).sigmoid()
-    sel = (scores + bias).view(x.shape[0], n_groups, -1)
-    keep = sel.topk(2, -1)[0].sum(-1).topk(n_limited_groups, -1)[1]
-    drop = torch.ones(sel.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, keep, False)
-    ids = sel.masked_fill(drop[:, :, None], float("-inf")).flatten(1).topk(top_k, -1)[1]
-    w = scores.gather(1, ids)
-    return w / w.sum(-1, keepdim=True) * route_scale, ids.to(torch.int32)
-
-
 def _vllm_moe(x, gate, bias, w13, w2, route):
     from vllm.model_executor.layers.fused_moe import fused_experts
 
-    w, ids = _route_ids(x, gate, bias, **route)
-    return lambda: fused_experts(x, w13, w2, w, ids)
+    w, ids = torch_route(x.float() @ gate.float().t(), bias, **route)
+    return lambda: fused_experts(x, w13, w2, w, ids.to(torch.int32))
 
 
 def layer_case(ctx: Ctx, tokens: int, layers: dict, dims: tuple, route: dict) -> Case:
@@ -187,6 +182,26 @@ def layer_case(ctx: Ctx, tokens: int, layers: dict, dims: tuple, route: dict) ->
                 ceiling="fp8_scaled_mm", ref=(lambda: ref) if ref is not None else None)
 
 
+def route_case(ctx: Ctx, tokens: int, experts: int, route: dict) -> Case:
+    """Group-limited top-k routing on precomputed logits (stem moe_route)."""
+    from dskc.ops import moe
+
+    logits = torch.randn(tokens, experts, device=ctx.device)
+    bias = torch.randn(experts, device=ctx.device) * 0.1
+    impls = [Impl("dskc-default", lambda: (lambda: moe.moe_route(logits, bias, score_func="sigmoid", **route))),
+             tuned_impl(ctx, "moe_route", {"T": tokens, "E": experts, "top_k": route["top_k"],
+                                           "n_groups": route["n_groups"], "n_limited_groups": route["n_limited_groups"],
+                                           "sigmoid": True, "has_bias": True},
+                        lambda cfg: (lambda: moe.moe_route(logits, bias, score_func="sigmoid", config=cfg, **route))),
+             Impl("torch-bf16", lambda: (lambda: torch_route(logits, bias, **route)), note="fp32 eager PyTorch"),
+             compile_impl(ctx, lambda: (lambda lg, b: torch_route(lg, b, **route), (logits, bias)))]
+    ref = torch_route(logits.double(), bias.double(), **route)[0] if ctx.smoke else None
+    return Case("moe", f"route E={experts} top_k={route['top_k']} tokens={tokens}", "moe_route",
+                {"T": tokens, "E": experts, **route}, tuple(impls),
+                bytes=float(tokens * experts * 4 + experts * 4 + tokens * route["top_k"] * 8), primary="gbps",
+                ref=(lambda: ref) if ref is not None else None)
+
+
 def cases(ctx: Ctx):
     """Yield the suite's cases; the V3 layer weights (fp8 11 GB + bf16 23 GB) live while its cases run."""
     if ctx.smoke:
@@ -195,7 +210,10 @@ def cases(ctx: Ctx):
         route = dict(top_k=4, n_groups=4, n_limited_groups=2, route_scale=2.5)
         layers = {"bf16": moe_layer(16, 128, 128, False, "cpu")}
         yield layer_case(ctx, 9, layers, (16, 128, 128), route)
+        yield route_case(ctx, 9, 16, route)
         return
+    for tokens in (128, 4096):
+        yield route_case(ctx, tokens, 256, V3_ROUTE)
     for key in sorted(DEEPGEMM_GROUPED):
         yield grouped_case(ctx, *key, "deepgemm-table")
     # Expert GEMMs of one layer at 4096 tokens, balanced routing: rows per expert = tokens * top_k / E.
