@@ -215,3 +215,15 @@ def test_time_budgets_skip_later_rows_and_say_so(monkeypatch, tmp_path):
     rows = runner.run_cases(ctx, "gemm", ceilings, opts)
     assert [r["status"] for r in rows] == ["ok", "ok", "skipped", "skipped", "skipped", "skipped"]
     assert "time budget of 0 s for suite gemm spent" in rows[-1]["note"]
+
+
+def test_committed_results_follow_the_schema():
+    """Every result file committed under bench/results/ validates against the current schema."""
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[2] / "bench" / "results").glob("*/*.json"))
+    assert any(f.parent.name == "cpu-smoke" for f in files)
+    for f in files:
+        doc = schema.load(f)
+        assert (doc["mode"] == "cpu-smoke") == (f.parent.name == "cpu-smoke")
+        assert f.with_suffix(".md").stat().st_size > 0
