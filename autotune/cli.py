@@ -5,6 +5,10 @@
               [--problem JSON] [--seeds-from vllm.json] [--routing gate:<model>|recorded:<path>]
     dskc tune --export --target ARCH [--kernels ...] [--storage URL] [--out DIR]
     dskc tune --plot DIR --target ARCH [--kernels ...] [--storage URL]
+    dskc tune --backends triton,cutlass --target ARCH [--model NAME | --problem JSON] [--kernels ...]
+              [--timing model|gpu|auto] [--out DIR]
+        times the Triton kernel the compiler would run (exported tuned config, else default) against the CUTLASS
+        candidates per shape and writes the decisions to <configs>/<arch>/_backends.json (autotune/backends.py)
 
 Progress goes to stderr; the final table (per study: default vs tuned, speedup, trials) to stdout. Timing "model"
 is a roofline ESTIMATE from compiled kernels (no GPU needed) and is labelled so in the table and the export.
@@ -39,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "recorded:<path> (top-k ids of a real run); part of the study key")
     p.add_argument("--export", action="store_true", help="export winners to autotune/configs/<arch>/<stem>.json")
     p.add_argument("--out", help="export root (default: the package's autotune/configs)")
+    p.add_argument("--backends", help="'triton,cutlass': compare the backends per shape and export the decisions")
+    p.add_argument("--cutlass-candidates", type=int, default=4, help="CUTLASS configs timed per shape (default 4)")
     p.add_argument("--plot", metavar="DIR", help="write optimisation-history and importance PNGs to DIR")
     return p
 
@@ -56,6 +62,8 @@ def main(argv=None) -> int:
             return _export(args)
         if args.plot:
             return _plot(args)
+        if args.backends:
+            return _compare_backends(args)
         return _tune(args)
     except (ValueError, KeyError, StorageError, RuntimeError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
@@ -210,6 +218,29 @@ def _plot(args) -> int:
     kernels = _stem_names(args)
     for path in plot_studies(open_storage(args.storage), args.target, kernels, Path(args.plot)):
         print(path)
+    return 0
+
+
+def _compare_backends(args) -> int:
+    from dskc.autotune.backends import compare, export_decision, format_decisions
+    from dskc.select.backends import bucket, cutlass_op
+    wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if sorted(wanted) != ["cutlass", "triton"]:
+        raise ValueError(f"--backends takes 'triton,cutlass' (the only pair there is to compare), got {wanted}")
+    timing, entries, seen = _timing(args.timing), [], set()
+    stems = [s for s in _kernels(args) if s in ("fp8_gemm_1d2d", "bf16_gemm", "grouped_gemm")]
+    for stem in stems:
+        for problem in _problems(args, stem):
+            key = (stem, tuple(sorted(bucket(problem).items())))
+            if key in seen or cutlass_op(stem, problem) is None:
+                continue
+            seen.add(key)
+            entry = compare(stem, problem, args.target, timing, args.cutlass_candidates)
+            print(export_decision(entry, args.target, Path(args.out) if args.out else None), file=sys.stderr)
+            entries.append(entry)
+    if not entries:
+        raise ValueError(f"no problem of {stems or 'these kernels'} has a CUTLASS counterpart on {args.target}")
+    print(format_decisions(entries))
     return 0
 
 

@@ -34,8 +34,11 @@ class Plan:
     reports: dict = dataclasses.field(default_factory=dict)   # (stem, problem, config) -> KernelReport | error
 
 
-def plan(model: nn.Module, target="sm90a", options: Options = Options(), m_hint: int = 64) -> Plan:
-    """Find, lower and select (no build, no weights touched: works on a model on the meta device)."""
+def plan(model: nn.Module, target="sm90a", options: Options = Options(), m_hint: int = 64,
+         runs_on: str = "gpu") -> Plan:
+    """Find, lower and select (no build, no weights touched: works on a model on the meta device).
+
+    runs_on: "gpu" (kernels for the target's GPU) or "cpu" (Triton's interpreter: CUTLASS is never selected)."""
     arch = parse(target)
     dumps = []
     graph = lower(find_regions(model), options, dump=lambda name, g: dumps.append((name, g)))
@@ -46,7 +49,7 @@ def plan(model: nn.Module, target="sm90a", options: Options = Options(), m_hint:
             continue
         if node.attr("absorbed_into"):
             continue
-        choices.extend(choose(node, arch, m_hint))
+        choices.extend(choose(node, arch, m_hint, runs_on))
     return Plan(arch, graph, dumps, choices, fallbacks)
 
 
@@ -55,8 +58,11 @@ def build(p: Plan, progress: bool = True) -> Plan:
     becomes a fallback with the compiler's message; it never aborts the whole compile."""
     from dskc.templates import registry
 
+    _build_cutlass(p, progress)
     unique = {}
     for c in p.choices:
+        if c.backend == "cutlass":
+            continue
         unique.setdefault((c.stem, c.problem, c.config), c)
     specs, owners = [], []
     for key, c in unique.items():
@@ -73,17 +79,51 @@ def build(p: Plan, progress: bool = True) -> Plan:
     return p
 
 
+def _build_cutlass(p: Plan, progress: bool) -> None:
+    """Build the CUTLASS picks with nvcc (cached). One that does not build goes back to the Triton kernel it
+    replaced, and the Choice's `why` says so."""
+    from dskc.select import backends
+    from dskc.templates import cutlass
+
+    picks = [(i, c) for i, c in enumerate(p.choices) if c.backend == "cutlass"]
+    if not picks:
+        return
+    if progress:
+        print(f"[dskc] building {len(picks)} CUTLASS kernels for {p.target} ...", file=sys.stderr, flush=True)
+    results = [cutlass.build(c.stem, dict(c.config), p.target, backends.cutlass_problem(c.triton[0], dict(c.problem)))
+               for _, c in picks]
+    for (i, c), res in zip(picks, results):
+        p.reports[(c.stem, c.problem, c.config)] = [res]
+        if not res.ok:
+            log.warning("dskc: %s: CUTLASS %s does not build (%s); using Triton %s", c.region, c.stem,
+                        res.message[:200], c.triton[0])
+            p.choices[i] = dataclasses.replace(c, stem=c.triton[0], config=c.triton[1], backend="triton",
+                                               source=f"default:{p.target.family}", triton=(),
+                                               why=f"Triton: CUTLASS {c.stem} failed to build ({res.stage}); {c.why}")
+
+
+def _cutlass_build(p: Plan, region: str):
+    """The NvccBuild of the region's CUTLASS pick, or None when it runs on Triton."""
+    for c in p.choices:
+        if c.region == region and c.backend == "cutlass":
+            rep = p.reports.get((c.stem, c.problem, c.config))
+            if not rep or not rep[0].ok:
+                raise ValueError(f"{region}: CUTLASS {c.stem} was selected but not built (call compiler.build)")
+            return rep[0]
+    return None
+
+
 def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def _kernel_module(node, src: nn.Module, model: nn.Module, options: Options):
+def _kernel_module(node, src: nn.Module, model: nn.Module, options: Options, cutlass=None):
     from dskc.runtime.mla import KernelMLA
     from dskc.runtime.modules import KernelLinear, KernelMLP, KernelMoE
 
     if node.op in (Op.LINEAR, Op.FP8_LINEAR):
-        return KernelLinear(src, node, quantize=node.attr("quantized") == "ahead")
+        return KernelLinear(src, node, quantize=node.attr("quantized") == "ahead", cutlass=cutlass)
     if node.op is Op.MLP:
         return KernelMLP(src, node)
     if node.op is Op.MOE:
@@ -125,16 +165,19 @@ def compile(model: nn.Module, target="auto", *, options: Options = Options(), bu
                                "Python starts (./dev does); to only build for a GPU use `dskc compile --out DIR`")
         if target == "auto":
             target = "sm90a"
-    p = plan(model, target, options)
+    p = plan(model, target, options, runs_on="gpu" if torch.cuda.is_available() else "cpu")
     if build_kernels:
         build(p, progress)
+    else:
+        _build_cutlass(p, progress)   # Triton kernels JIT at first launch; a CUTLASS pick needs its library now
     module = model if inplace else copy.deepcopy(model)
     failed = {region for region, _ in p.fallbacks}
     for node in p.graph.nodes:
         if node.name in failed or node.op in (Op.RMSNORM, Op.FALLBACK) or node.attr("absorbed_into"):
             continue
         try:
-            new = _kernel_module(node, module.get_submodule(node.name), module, options)
+            cut = _cutlass_build(p, node.name)
+            new = _kernel_module(node, module.get_submodule(node.name), module, options, cut)
         except ValueError as exc:
             p.fallbacks.append((node.name, str(exc)))
             log.warning("dskc: %s stays eager: %s", node.name, exc)

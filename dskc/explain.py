@@ -16,21 +16,27 @@ def _built(plan, c) -> str:
                     for r in rep)
 
 
+def _backend(c) -> str:
+    """The backend and why ("triton" alone where CUTLASS has no kernel for this on the target)."""
+    return f"{c.backend}: {c.why}" if c.why else c.backend
+
+
 def grouped_table(plan) -> str:
     """One row per distinct (kernel, config, source, build result), with how many regions use it."""
     groups = {}
     for c in plan.choices:
-        key = (c.stem, _fmt(c.config), c.source, _built(plan, c))
+        key = (c.stem, _fmt(c.config), c.source, _built(plan, c), _backend(c))
         groups.setdefault(key, set()).add(c.region)
-    rows = [("regions", "kernel", "config", "arch", "source", "build (per kernel: registers/spills/tensor cores)")]
-    for (stem, cfg, src, built), regions in groups.items():
-        rows.append((str(len(regions)), stem, cfg, plan.target.name, src, built))
+    rows = [("regions", "kernel", "config", "arch", "source", "build (per kernel: registers/spills/tensor cores)",
+             "backend")]
+    for (stem, cfg, src, built, backend), regions in groups.items():
+        rows.append((str(len(regions)), stem, cfg, plan.target.name, src, built, backend))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def kernel_table(plan) -> str:
-    rows = [("region", "kernel", "config", "arch", "source", "build")]
+    rows = [("region", "kernel", "config", "arch", "source", "build", "backend")]
     for c in plan.choices:
         rep = plan.reports.get((c.stem, c.problem, c.config))
         if rep is None:
@@ -40,7 +46,7 @@ def kernel_table(plan) -> str:
         else:
             built = " ".join(f"{r.registers}reg/{r.spill_store_bytes}spill/{'+'.join(r.tensor_core_ops) or 'no-TC'}"
                              for r in rep)
-        rows.append((c.region, c.stem, _fmt(c.config), plan.target.name, c.source, built))
+        rows.append((c.region, c.stem, _fmt(c.config), plan.target.name, c.source, built, _backend(c)))
     eager = [n.name for n in plan.graph.nodes if n.op.value in ("rmsnorm",)]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]

@@ -38,9 +38,14 @@ def _dense(m) -> torch.Tensor:
 
 
 class KernelLinear(nn.Module):
-    """y = x W^T through `fp8_gemm_1d2d` (x quantised per token per 128 by `act_quant`) or `bf16_gemm`."""
+    """y = x W^T through `fp8_gemm_1d2d` (x quantised per token per 128 by `act_quant`) or `bf16_gemm`.
 
-    def __init__(self, src: nn.Module, node, quantize: bool = False):
+    cutlass: a successful CUTLASS build (dskc.templates.cutlass.build) of sm90_fp8_gemm_1d2d / sm90_bf16_gemm that
+    replaces the Triton GEMM (selection picks one only on a measured win, and never for the CPU runtime); it is
+    launched through dskc.runtime.cutlass on CUDA tensors (CPU inputs raise ValueError there).
+    """
+
+    def __init__(self, src: nn.Module, node, quantize: bool = False, cutlass=None):
         super().__init__()
         self.node, self.out_dtype = node, getattr(src, "compute_dtype", None)
         w, scale = src.weight, getattr(src, "scale", None)
@@ -51,16 +56,35 @@ class KernelLinear(nn.Module):
         self.register_buffer("weight", w.detach() if self.fp8 else w.detach().to(dot_dtype(w.dtype)).contiguous(),
                              persistent=False)
         self.register_buffer("scale", None if scale is None else scale.detach().float().contiguous(), persistent=False)
+        self.cutlass = None
+        if cutlass is not None:
+            from dskc.runtime import cutlass as cutlass_rt
+            want = "sm90_fp8_gemm_1d2d" if self.fp8 else "sm90_bf16_gemm"
+            if getattr(cutlass, "name", None) != want:
+                raise ValueError(f"{node.name}: a {'FP8' if self.fp8 else 'bf16'} linear needs a {want} build, "
+                                 f"got {getattr(cutlass, 'name', cutlass)!r}")
+            if not self.fp8 and self.weight.dtype != torch.bfloat16:
+                raise ValueError(f"{node.name}: CUTLASS {want} needs bf16 weights, got {self.weight.dtype}")
+            self.cutlass = cutlass_rt.load(cutlass)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, out_dtype = x.shape, self.out_dtype or x.dtype
         x2 = x.reshape(-1, shape[-1])
-        if self.fp8:
+        if self.cutlass is not None:
+            y = self._cutlass(x2).to(out_dtype)
+        elif self.fp8:
             q, s = ops.act_quant(x2.contiguous())
             y = ops.fp8_gemm(q, s, self.weight, self.scale, out_dtype=out_dtype)
         else:
             y = ops.bf16_gemm(x2.to(self.weight.dtype).contiguous(), self.weight).to(out_dtype)
         return y.view(*shape[:-1], y.shape[-1])
+
+
+    def _cutlass(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            q, s = ops.act_quant(x2.contiguous())
+            return self.cutlass(q, s, self.weight, self.scale)
+        return self.cutlass(x2.to(torch.bfloat16).contiguous(), self.weight)
 
 
 class KernelMLP(nn.Module):

@@ -1,6 +1,11 @@
 """Selection: for each IR node, the kernels that serve it (a table, as data) and each kernel's config for the
 target arch: the autotuner's exported entry for this (arch, shape bucket) when one exists, else the stem's
 tuning-free per-arch default. `source` says which, for `dskc explain`.
+
+Backends: where a CUTLASS stem can serve a kernel on the target (FP8 / bf16 dense GEMMs and FP8 grouped GEMMs,
+sm90a only; see dskc.select.backends), the Choice lists it in `alternatives`, and it replaces the Triton kernel only
+when a MEASURED decision says it is faster for that shape bucket and the runtime has a CUTLASS path for the
+region (RUNTIME_CUTLASS). `why` says which backend and why, for `dskc explain`.
 """
 from __future__ import annotations
 
@@ -16,8 +21,11 @@ class Choice:
     stem: str
     problem: tuple          # sorted (name, value) pairs
     config: tuple           # sorted (name, value) pairs
-    source: str             # "default:sm90" | "tuned:<file>"
+    source: str             # "default:sm90" | "tuned:<file>" | "measured:<file>" (a CUTLASS pick)
     backend: str = "triton"
+    why: str = ""           # why this backend ("" where CUTLASS has no kernel for the node on the target)
+    alternatives: tuple = ()  # CUTLASS stems that could serve this kernel on the target
+    triton: tuple = ()      # for a CUTLASS pick: (Triton stem, config pairs) it replaces (used if it fails to build)
 
 
 def _linear(n: Node, m: int) -> list[tuple[str, dict]]:
@@ -57,10 +65,16 @@ def _mla(n: Node, m: int) -> list[tuple[str, dict]]:
 
 
 CANDIDATES = {Op.LINEAR: _linear, Op.FP8_LINEAR: _linear, Op.MLP: _mlp, Op.MOE: _moe, Op.MLA: _mla}
+# regions whose runtime module can launch a CUTLASS GEMM (dskc.runtime.modules.KernelLinear); the MLP and MoE
+# modules fuse epilogues into their Triton kernels and have no CUTLASS path yet
+RUNTIME_CUTLASS = frozenset({Op.LINEAR, Op.FP8_LINEAR})
 
 
-def choose(node: Node, arch: Arch, m_hint: int = 64) -> list[Choice]:
-    """The kernels (with configs) that serve `node` on `arch`; [] for regions left to eager PyTorch."""
+def choose(node: Node, arch: Arch, m_hint: int = 64, runs_on: str = "gpu") -> list[Choice]:
+    """The kernels (with configs) that serve `node` on `arch`; [] for regions left to eager PyTorch.
+
+    runs_on: "gpu" (the target GPU) or "cpu" (Triton's interpreter, where CUTLASS is never selected).
+    """
     from dskc.select import tuned
     from dskc.templates import registry
 
@@ -72,5 +86,25 @@ def choose(node: Node, arch: Arch, m_hint: int = 64) -> list[Choice]:
         cfg, source = tuned.lookup(stem, arch, problem)
         if cfg is None:
             cfg, source = registry.default_config(stem, arch), f"default:{arch.family}"
-        out.append(Choice(node.name, stem, tuple(sorted(problem.items())), tuple(sorted(cfg.items())), source))
+        choice = Choice(node.name, stem, tuple(sorted(problem.items())), tuple(sorted(cfg.items())), source)
+        out.append(_backend(choice, node, arch, runs_on))
     return out
+
+
+def _backend(c: Choice, node: Node, arch: Arch, runs_on: str) -> Choice:
+    """`c` with its CUTLASS alternatives and backend decision (a CUTLASS Choice only on a measured win)."""
+    from dskc.select import backends
+    from dskc.templates import cutlass
+
+    problem = dict(c.problem)
+    decision = backends.decide(c.stem, problem, arch, runs_on=runs_on)
+    if decision is None:
+        return c
+    alts = (cutlass.OPS[backends.cutlass_op(c.stem, problem)],)
+    if decision.backend == "triton":
+        return dataclasses.replace(c, why=decision.why, alternatives=alts)
+    if node.op not in RUNTIME_CUTLASS:
+        return dataclasses.replace(c, alternatives=alts, why=f"Triton: no CUTLASS path in the {node.op.value} "
+                                   f"runtime module (CUTLASS {decision.why})")
+    return Choice(c.region, decision.stem, c.problem, decision.config, decision.source, "cutlass", decision.why,
+                  alts, (c.stem, c.config))

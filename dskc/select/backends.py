@@ -1,0 +1,167 @@
+"""Backend decisions for the compiler: Triton or CUTLASS, per (Triton stem, shape bucket), read from the file the
+autotuner's backend comparison exports: <tuned root>/<arch>/_backends.json (autotune/configs/ or DSKC_TUNED_DIR).
+
+dskc never imports the autotuner; it reads only this file. Format 1:
+
+    {"format": 1, "arch": "sm90a",
+     "entries": {"fp8_gemm_1d2d|K=2048,M=64,N=7168": {
+         "op": "fp8_gemm_1d2d",                              # the Triton stem the CUTLASS stem competes with
+         "bucket": {"M": 64, "N": 7168, "K": 2048},          # bucket(problem): M rounded up to a power of two
+         "backend": "cutlass" | "triton",                     # the faster one
+         "stem": "sm90_fp8_gemm_1d2d", "config": {...},       # the best CUTLASS kernel of the comparison
+         "triton_us": 41.0, "cutlass_us": 30.5,
+         "timing_mode": "cuda-graph" | "cuda-events" | "gpu" | "model",
+         "meta": {"gpu": "NVIDIA H200", "toolchain": {"triton": "3.9.0", "cuda": "13.0", "nvcc": "13.0", ...}}}}}
+
+Rules (the issue's): without a measurement the backend is Triton. Only a MEASURED decision (a GPU timing mode)
+selects CUTLASS; a "model" decision (a roofline estimate) is shown in `dskc explain` but never applied. A decision
+recorded under another toolchain (a tool known on both sides at another version) is stale: reported once in the
+log and ignored. A corrupt or malformed file raises BackendFileError naming the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+from pathlib import Path
+
+from dskc.select import tuned
+
+log = logging.getLogger("dskc.select")
+FORMAT = 1
+FILE_NAME = "_backends.json"
+MEASURED_MODES = ("cuda-graph", "cuda-events", "gpu")
+BACKENDS = ("triton", "cutlass")
+# Triton stem -> the CUTLASS op that can replace it (dskc.templates.cutlass.OPS), per Triton problem dtype
+_CUTLASS_OP = {"fp8_gemm_1d2d": "fp8_gemm_1d2d", "bf16_gemm": "bf16_gemm", "grouped_gemm": "fp8_grouped_gemm_1d2d"}
+
+
+class BackendFileError(ValueError):
+    """A backend decision file that cannot be read or does not follow format 1."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    backend: str                 # what selection uses: "triton" | "cutlass"
+    stem: str | None             # the CUTLASS stem when backend == "cutlass"
+    config: tuple                # its sorted (name, value) pairs; () for Triton
+    why: str                     # for `dskc explain`
+    source: str = ""             # "measured:<file>" for a CUTLASS pick
+
+
+def cutlass_op(stem: str, problem: dict) -> str | None:
+    """The CUTLASS op that could serve this Triton (stem, problem), or None (FP8 grouped GEMMs only)."""
+    if stem == "grouped_gemm" and problem.get("dtype") != "fp8":
+        return None
+    return _CUTLASS_OP.get(stem)
+
+
+def bucket(problem: dict) -> dict:
+    """The decision bucket of a problem: M (tokens / rows) rounded up to a power of two, the rest exact."""
+    out = {}
+    for name, value in problem.items():
+        if name == "M" and isinstance(value, int):
+            out[name] = 1 << max(0, int(value) - 1).bit_length()
+        else:
+            out[name] = value
+    return out
+
+
+def entry_name(op: str, bucket_: dict) -> str:
+    return op + "|" + ",".join(f"{k}={v}" for k, v in sorted(bucket_.items()))
+
+
+def file_for(arch, root: Path | None = None) -> Path:
+    return tuned.file_for("_backends", arch, root).with_name(FILE_NAME)
+
+
+def read_file(path: Path) -> dict:
+    """The parsed, validated decision file. Raises BackendFileError naming the file and the problem."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise BackendFileError(f"backend decision file {path} cannot be read: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("entries"), dict):
+        raise BackendFileError(f"backend decision file {path}: expected a JSON object with \"format\": {FORMAT} "
+                               "and an \"entries\" object")
+    for name, e in doc["entries"].items():
+        bad = [f for f, kind in (("op", str), ("bucket", dict), ("backend", str), ("config", dict),
+                                 ("timing_mode", str), ("meta", dict)) if not isinstance(e.get(f), kind)] \
+            if isinstance(e, dict) else ["the entry is not an object"]
+        if not bad and e["backend"] not in BACKENDS:
+            bad = [f"backend {e['backend']!r} is not one of {BACKENDS}"]
+        if not bad and e["backend"] == "cutlass" and not isinstance(e.get("stem"), str):
+            bad = ["stem (a CUTLASS decision names its stem)"]
+        if bad:
+            raise BackendFileError(f"backend decision file {path}: entry {name!r} lacks or has a bad {bad}")
+    return doc
+
+
+@functools.lru_cache(maxsize=16)
+def _read_cached(path: str, mtime_ns: int, size: int) -> str:
+    return json.dumps(read_file(Path(path)))
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    log.warning(message)
+
+
+def _speed(e: dict) -> str:
+    t, c = e.get("triton_us"), e.get("cutlass_us")
+    if not (isinstance(t, (int, float)) and isinstance(c, (int, float)) and t > 0 and c > 0):
+        return f"{e['backend']} faster"
+    fast, ratio = ("cutlass", t / c) if c < t else ("triton", c / t)
+    return f"{fast} {ratio:.2f}x faster ({t:.1f} vs {c:.1f} us triton/cutlass)"
+
+
+def decide(stem: str, problem: dict, arch, *, runs_on: str = "gpu", root: Path | None = None) -> Decision | None:
+    """The backend for Triton `stem` on `problem`, or None when CUTLASS has no kernel for it on `arch`.
+
+    runs_on: "gpu" (the target's GPU) or "cpu" (Triton's interpreter: CUTLASS never selected there).
+    Raises BackendFileError for a corrupt file.
+    """
+    if runs_on not in ("gpu", "cpu"):
+        raise ValueError(f"runs_on must be 'gpu' or 'cpu', got {runs_on!r}")
+    from dskc.templates import cutlass
+
+    op = cutlass_op(stem, problem)
+    if op is None or not cutlass.candidates(op, arch, limit=1):
+        return None
+    triton = Decision("triton", None, (), "default: Triton (no measurement)")
+    path = file_for(arch, root)
+    if not path.exists():
+        return triton
+    st = path.stat()
+    doc = json.loads(_read_cached(str(path), st.st_mtime_ns, st.st_size))
+    e = doc["entries"].get(entry_name(stem, bucket(problem)))
+    if e is None:
+        return triton
+    stale = tuned.stale_reason(e["meta"], tuned.current_toolchain())
+    if stale:
+        _log_once(f"dskc: backend decision {entry_name(stem, bucket(problem))} of {path} ignored: {stale}")
+        return dataclasses.replace(triton, why=f"default: Triton (decision in {path} is stale: {stale})")
+    said = f"{_speed(e)}, {e['timing_mode']} ({path})"
+    if e["timing_mode"] not in MEASURED_MODES:
+        return dataclasses.replace(triton, why=f"default: Triton (estimate only, not applied: {said})")
+    if e["backend"] == "triton":
+        return dataclasses.replace(triton, why=f"measured: {said}")
+    if runs_on == "cpu":
+        return dataclasses.replace(triton, why=f"Triton: CPU runtime (interpreter) cannot run CUTLASS; "
+                                                f"on the GPU: {said}")
+    errors = cutlass.violations(e["stem"], e["config"], cutlass_problem(stem, problem))
+    if errors:
+        _log_once(f"dskc: backend decision for {stem} in {path} ignored: {'; '.join(errors)}")
+        return dataclasses.replace(triton, why=f"default: Triton (decided CUTLASS config invalid: {errors[0]})")
+    return Decision("cutlass", e["stem"], tuple(sorted(e["config"].items())), f"measured: {said}",
+                    f"measured:{path}")
+
+
+def cutlass_problem(stem: str, problem: dict) -> dict:
+    """The CUTLASS stem's problem for a Triton (stem, problem) (grouped: G experts, M total rows)."""
+    if stem not in _CUTLASS_OP:
+        raise ValueError(f"no CUTLASS counterpart for Triton stem {stem!r}; known: {sorted(_CUTLASS_OP)}")
+    if stem == "grouped_gemm":
+        return {"G": problem["E"], "M": problem["M"] * problem["E"], "N": problem["N"], "K": problem["K"]}
+    return {k: problem[k] for k in ("M", "N", "K")}
