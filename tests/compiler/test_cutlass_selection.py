@@ -1,0 +1,207 @@
+"""CUTLASS kernels as selection candidates: listed on sm90a only, picked only on a measured (GPU-timed) win from
+<tuned dir>/<arch>/_backends.json, never on a model estimate, a stale or invalid decision, or the CPU runtime."""
+import json
+import logging
+
+import pytest
+import torch
+
+from dskc import compiler, knobs
+from dskc.explain import kernel_table
+from dskc.model import Transformer, get_config
+from dskc.select import backends
+from dskc.select.choose import RUNTIME_CUTLASS
+from dskc.templates.cutlass.spaces import VERIFIED
+
+WQ_A = {"M": 64, "N": 128, "K": 256}          # tiny's attn.wq_a at the selection's token hint (m_hint 64)
+CFG = dict(VERIFIED["sm90_fp8_gemm_1d2d"][0])
+TOOLS = {"triton": "3.9.0"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Transformer(get_config("tiny"), device="meta")
+
+
+def _toolchain():
+    import triton
+    return {"triton": triton.__version__, "cuda": torch.version.cuda}
+
+
+def entry(op="fp8_gemm_1d2d", problem=WQ_A, backend="cutlass", stem="sm90_fp8_gemm_1d2d", config=CFG,
+          triton_us=40.0, cutlass_us=30.0, mode="cuda-graph", toolchain=None):
+    return {"op": op, "bucket": backends.bucket(problem), "backend": backend, "stem": stem, "config": dict(config),
+            "triton_us": triton_us, "cutlass_us": cutlass_us, "timing_mode": mode,
+            "meta": {"gpu": "NVIDIA H200", "toolchain": toolchain or _toolchain()}}
+
+
+def write(root, *entries, raw=None):
+    path = root / "sm90a" / "_backends.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"format": 1, "arch": "sm90a",
+           "entries": {backends.entry_name(e["op"], e["bucket"]): e for e in entries}}
+    path.write_text(raw if raw is not None else json.dumps(doc))
+    return path
+
+
+def plan_with(root, model, **kw):
+    with knobs.scope(tuned_dir=root):
+        return compiler.plan(model, "sm90a", **kw)
+
+
+def by_region(p, region, stem_prefix=""):
+    return [c for c in p.choices if c.region == region and (c.stem.startswith(stem_prefix) or not stem_prefix)]
+
+
+def test_alternatives_listed_on_sm90a_only(model, tmp_path):
+    p = plan_with(tmp_path, model)
+    alts = {c.stem: c.alternatives for c in p.choices}
+    assert alts["fp8_gemm_1d2d"] == ("sm90_fp8_gemm_1d2d",)
+    assert alts["bf16_gemm"] == ("sm90_bf16_gemm",)
+    assert alts["grouped_gemm"] == ("sm90_fp8_grouped_gemm_1d2d",)
+    assert alts["act_quant"] == () and alts["mla_decode"] == ()
+    assert all(c.backend == "triton" for c in p.choices)
+    assert {c.why for c in p.choices if c.alternatives} == {"default: Triton (no measurement)"}
+    assert "triton: default: Triton (no measurement)" in kernel_table(p)
+    for target in ("sm100a", "sm80"):
+        other = compiler.plan(model, target)
+        assert all(c.alternatives == () and c.backend == "triton" and c.why == "" for c in other.choices), target
+
+
+def test_gpu_timed_decision_switches_the_bucket_to_cutlass(model, tmp_path):
+    path = write(tmp_path, entry())
+    p = plan_with(tmp_path, model)
+    picked = [c for c in p.choices if c.backend == "cutlass"]
+    assert {c.region for c in picked} == {f"layers.{i}.attn.wq_a" for i in range(3)}
+    c = picked[0]
+    assert c.stem == "sm90_fp8_gemm_1d2d" and dict(c.config) == CFG and c.source == f"measured:{path}"
+    assert c.triton[0] == "fp8_gemm_1d2d" and dict(c.problem) == WQ_A
+    assert "cutlass 1.33x faster" in c.why and "cuda-graph" in c.why
+    # the act_quant of the region and every other GEMM bucket stay on Triton
+    assert all(x.backend == "triton" for x in p.choices if x.region == c.region and x is not c)
+    assert all(x.backend == "triton" for x in p.choices if "wq_a" not in x.region)
+    assert "cutlass: measured: cutlass 1.33x faster" in kernel_table(p)
+    # the bucket rounds M up to a power of two: 40 tokens share the 64 bucket, 65 do not
+    assert any(x.backend == "cutlass" for x in plan_with(tmp_path, model, m_hint=40).choices)
+    assert all(x.backend == "triton" for x in plan_with(tmp_path, model, m_hint=65).choices)
+
+
+@pytest.mark.parametrize("changes, why", [
+    ({"mode": "model"}, "estimate only, not applied"),
+    ({"backend": "triton", "triton_us": 30.0, "cutlass_us": 40.0}, "measured: triton 1.33x faster"),
+    ({"toolchain": {"triton": "0.0.1-other"}}, "is stale: tuned with triton 0.0.1-other"),
+    ({"config": {**CFG, "TILE_N": 256}}, "decided CUTLASS config invalid: constraint failed"),
+])
+def test_decisions_that_keep_triton(model, tmp_path, caplog, changes, why):
+    write(tmp_path, entry(**changes))
+    with caplog.at_level(logging.WARNING, logger="dskc.select"):
+        p = plan_with(tmp_path, model)
+    assert all(c.backend == "triton" for c in p.choices)
+    wq_a = [c for c in by_region(p, "layers.0.attn.wq_a") if c.stem == "fp8_gemm_1d2d"][0]
+    assert why in wq_a.why, wq_a.why
+    assert why in kernel_table(p)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ("{not json", "cannot be read"),
+    (json.dumps({"format": 2, "entries": {}}), "expected a JSON object"),
+    (json.dumps({"format": 1, "entries": {"x": {**entry(), "backend": "cuda"}}}), "backend 'cuda'"),
+    (json.dumps({"format": 1, "entries": {"x": {k: v for k, v in entry().items() if k != "stem"}}}), "stem"),
+])
+def test_corrupt_decision_file_raises_naming_it(model, tmp_path, raw, message):
+    path = write(tmp_path, raw=raw)
+    with pytest.raises(backends.BackendFileError, match=message) as info:
+        plan_with(tmp_path, model)
+    assert str(path) in str(info.value)
+
+
+def test_moe_decision_is_recorded_but_runtime_has_no_cutlass_path(model, tmp_path):
+    grouped = {"E": 16, "K": 256, "M": 16, "N": 256, "dtype": "fp8", "epilogue": "swiglu_quant",
+               "layout": "contiguous"}
+    cfg = dict(VERIFIED["sm90_fp8_grouped_gemm_1d2d"][0])
+    write(tmp_path, entry("grouped_gemm", grouped, stem="sm90_fp8_grouped_gemm_1d2d", config=cfg))
+    p = plan_with(tmp_path, model)
+    assert all(c.backend == "triton" for c in p.choices)
+    moe = [c for c in p.choices if c.stem == "grouped_gemm" and dict(c.problem)["epilogue"] == "swiglu_quant"]
+    assert moe and all("no CUTLASS path in the moe runtime module" in c.why for c in moe)
+    assert RUNTIME_CUTLASS == {compiler.Op.LINEAR, compiler.Op.FP8_LINEAR}
+
+
+def test_cpu_runtime_never_picks_cutlass(model, tmp_path):
+    write(tmp_path, entry())
+    p = plan_with(tmp_path, model, runs_on="cpu")
+    assert all(c.backend == "triton" for c in p.choices)
+    wq_a = [c for c in by_region(p, "layers.0.attn.wq_a") if c.stem == "fp8_gemm_1d2d"][0]
+    assert "CPU runtime (interpreter) cannot run CUTLASS" in wq_a.why
+    with pytest.raises(ValueError, match="runs_on"):
+        plan_with(tmp_path, model, runs_on="tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU runtime's choice")
+def test_compile_on_cpu_keeps_triton_and_explain_says_so(tmp_path):
+    write(tmp_path, entry())
+    torch.manual_seed(0)
+    model = Transformer(get_config("tiny"))
+    with knobs.scope(tuned_dir=tmp_path, triton_interpret=True):
+        compiled = compiler.compile(model, build_kernels=False, progress=False)
+    linears = [m for m in compiled.module.modules() if type(m).__name__ == "KernelLinear"]
+    assert linears and all(m.cutlass is None for m in linears)
+    assert "CPU runtime (interpreter) cannot run CUTLASS" in compiled.explain()
+
+
+def test_cutlass_build_failure_goes_back_to_triton(model, tmp_path, monkeypatch):
+    from dskc.build.nvcc import NvccFailure
+    from dskc.templates import cutlass
+    write(tmp_path, entry())
+    p = plan_with(tmp_path, model)
+    calls = []
+
+    def failing(stem, config, arch="sm90a", problem=None):
+        calls.append((stem, problem))
+        return NvccFailure(stem, tuple(sorted(config.items())), "sm90a", "nvcc", "error: made up for the test")
+
+    monkeypatch.setattr(cutlass, "build", failing)
+    monkeypatch.setattr(compiler, "compile_kernels", lambda specs, arch: [])   # Triton builds are not under test
+    compiler.build(p, progress=False)
+    assert calls == [("sm90_fp8_gemm_1d2d", WQ_A)] * 3
+    wq_a = [c for c in by_region(p, "layers.0.attn.wq_a") if c.stem == "fp8_gemm_1d2d"]
+    assert len(wq_a) == 1 and wq_a[0].backend == "triton" and "failed to build (nvcc)" in wq_a[0].why
+    assert all(c.backend == "triton" for c in p.choices)
+
+
+def test_kernel_linear_rejects_a_wrong_or_failed_build():
+    from types import SimpleNamespace
+
+    from dskc.build.nvcc import NvccFailure
+    from dskc.ir.graph import Node, Op
+    from dskc.runtime.modules import KernelLinear
+    node = Node("lin", Op.LINEAR, (64, 128), "bf16")
+    src = torch.nn.Linear(128, 64, bias=False, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="needs a sm90_bf16_gemm build"):
+        KernelLinear(src, node, cutlass=SimpleNamespace(name="sm90_fp8_gemm_1d2d", ok=True))
+    failed = NvccFailure("sm90_bf16_gemm", (), "sm90a", "nvcc", "boom")
+    with pytest.raises((TypeError, ValueError)):
+        KernelLinear(src, node, cutlass=failed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (and nvcc)")
+def test_kernel_linear_runs_cutlass_on_gpu():
+    from dskc.ir.graph import Node, Op
+    from dskc.model import quantize_weight
+    from dskc.runtime.modules import KernelLinear
+    from dskc.templates import cutlass
+    n, k, m = 384, 512, 37
+    built = cutlass.build("sm90_fp8_gemm_1d2d", CFG, "sm90a", {"M": m, "N": n, "K": k})
+    assert built.ok, built
+    w = torch.randn(n, k) * 0.05
+    q, s = quantize_weight(w)
+    src = torch.nn.Module()
+    src.weight, src.scale = torch.nn.Parameter(q.cuda(), requires_grad=False), s.cuda()
+    mod = KernelLinear(src, Node("lin", Op.FP8_LINEAR, (n, k), "fp8"), cutlass=built)
+    x = torch.randn(2, m, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ (q.cuda().double() * s.cuda().double().repeat_interleave(128, 0)[:n]
+                        .repeat_interleave(128, 1)).T
+    y = mod(x)
+    cos = torch.nn.functional.cosine_similarity(y.double().flatten(), ref.flatten(), dim=0)
+    assert y.shape == (2, m, n) and torch.isfinite(y).all() and cos > 0.995, cos
