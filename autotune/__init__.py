@@ -9,6 +9,9 @@ Public API:
     export(storage, arch, stems=None, root=None) -> [paths]   winners -> autotune/configs/<arch>/<stem>.json
     results(storage, arch=None, stems=None) -> [StudyResult]
     open_storage(url) / StorageError
+    backends.compare(stem, problem, arch, timing) -> decision; backends.export_decision(entry, arch, root=None)
+                                      Triton vs CUTLASS per shape -> autotune/configs/<arch>/_backends.json
+                                      (`dskc tune --backends triton,cutlass`; read by dskc.select.backends)
 
 The compiler never imports this package: it reads the exported JSON through dskc.select.tuned.lookup.
 Timing modes: "model" (a roofline ESTIMATE from the compiled kernel; runs anywhere) and "gpu" (CUDA events).

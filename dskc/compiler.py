@@ -32,6 +32,7 @@ class Plan:
     choices: list                     # Choice per kernel of every lowered node
     fallbacks: list                   # (region, reason)
     reports: dict = dataclasses.field(default_factory=dict)   # (stem, problem, config) -> KernelReport | error
+    libraries: dict = dataclasses.field(default_factory=dict)  # (stem, problem, config) -> NvccBuild (CUTLASS)
 
 
 def plan(model: nn.Module, target="sm90a", options: Options = Options(), m_hint: int = 64,
@@ -90,15 +91,21 @@ def _build_cutlass(p: Plan, progress: bool) -> None:
         return
     if progress:
         print(f"[dskc] building {len(picks)} CUTLASS kernels for {p.target} ...", file=sys.stderr, flush=True)
-    results = [cutlass.build(c.stem, dict(c.config), p.target, backends.cutlass_problem(c.triton[0], dict(c.problem)))
-               for _, c in picks]
-    for (i, c), res in zip(picks, results):
-        p.reports[(c.stem, c.problem, c.config)] = [res]
-        if not res.ok:
+    built = {}
+    for _, c in picks:
+        key = (c.stem, c.problem, c.config)
+        if key not in built:
+            built[key] = cutlass.build(c.stem, dict(c.config), p.target,
+                                       backends.cutlass_problem(c.triton[0], dict(c.problem)))
+    for i, c in picks:
+        res = built[(c.stem, c.problem, c.config)]
+        if res.ok:
+            p.libraries[(c.stem, c.problem, c.config)] = res
+        else:
             log.warning("dskc: %s: CUTLASS %s does not build (%s); using Triton %s", c.region, c.stem,
                         res.message[:200], c.triton[0])
             p.choices[i] = dataclasses.replace(c, stem=c.triton[0], config=c.triton[1], backend="triton",
-                                               source=f"default:{p.target.family}", triton=(),
+                                               source=c.triton[2], triton=(),
                                                why=f"Triton: CUTLASS {c.stem} failed to build ({res.stage}); {c.why}")
 
 
@@ -106,10 +113,10 @@ def _cutlass_build(p: Plan, region: str):
     """The NvccBuild of the region's CUTLASS pick, or None when it runs on Triton."""
     for c in p.choices:
         if c.region == region and c.backend == "cutlass":
-            rep = p.reports.get((c.stem, c.problem, c.config))
-            if not rep or not rep[0].ok:
+            lib = p.libraries.get((c.stem, c.problem, c.config))
+            if lib is None:
                 raise ValueError(f"{region}: CUTLASS {c.stem} was selected but not built (call compiler.build)")
-            return rep[0]
+            return lib
     return None
 
 

@@ -7,7 +7,8 @@ def _fmt(pairs) -> str:
 
 
 def _built(plan, c) -> str:
-    rep = plan.reports.get((c.stem, c.problem, c.config))
+    key = (c.stem, c.problem, c.config)
+    rep = plan.reports.get(key) or ([plan.libraries[key]] if key in getattr(plan, "libraries", {}) else None)
     if rep is None:
         return "-"
     if any(isinstance(r, Exception) for r in rep):
@@ -38,14 +39,7 @@ def grouped_table(plan) -> str:
 def kernel_table(plan) -> str:
     rows = [("region", "kernel", "config", "arch", "source", "build", "backend")]
     for c in plan.choices:
-        rep = plan.reports.get((c.stem, c.problem, c.config))
-        if rep is None:
-            built = "-"
-        elif any(isinstance(r, Exception) for r in rep):
-            built = "FAILED"
-        else:
-            built = " ".join(f"{r.registers}reg/{r.spill_store_bytes}spill/{'+'.join(r.tensor_core_ops) or 'no-TC'}"
-                             for r in rep)
+        built = _built(plan, c)
         rows.append((c.region, c.stem, _fmt(c.config), plan.target.name, c.source, built, _backend(c)))
     eager = [n.name for n in plan.graph.nodes if n.op.value in ("rmsnorm",)]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]

@@ -25,7 +25,8 @@ class Choice:
     backend: str = "triton"
     why: str = ""           # why this backend ("" where CUTLASS has no kernel for the node on the target)
     alternatives: tuple = ()  # CUTLASS stems that could serve this kernel on the target
-    triton: tuple = ()      # for a CUTLASS pick: (Triton stem, config pairs) it replaces (used if it fails to build)
+    triton: tuple = ()      # for a CUTLASS pick: (stem, config, source) of the Triton kernel it replaces (used
+                            # when the CUTLASS build fails)
 
 
 def _linear(n: Node, m: int) -> list[tuple[str, dict]]:
@@ -107,4 +108,4 @@ def _backend(c: Choice, node: Node, arch: Arch, runs_on: str) -> Choice:
         return dataclasses.replace(c, alternatives=alts, why=f"Triton: no CUTLASS path in the {node.op.value} "
                                    f"runtime module (CUTLASS {decision.why})")
     return Choice(c.region, decision.stem, c.problem, decision.config, decision.source, "cutlass", decision.why,
-                  alts, (c.stem, c.config))
+                  alts, (c.stem, c.config, c.source))

@@ -75,7 +75,7 @@ def test_gpu_timed_decision_switches_the_bucket_to_cutlass(model, tmp_path):
     assert {c.region for c in picked} == {f"layers.{i}.attn.wq_a" for i in range(3)}
     c = picked[0]
     assert c.stem == "sm90_fp8_gemm_1d2d" and dict(c.config) == CFG and c.source == f"measured:{path}"
-    assert c.triton[0] == "fp8_gemm_1d2d" and dict(c.problem) == WQ_A
+    assert c.triton[0] == "fp8_gemm_1d2d" and c.triton[2] == "default:sm90" and dict(c.problem) == WQ_A
     assert "cutlass 1.33x faster" in c.why and "cuda-graph" in c.why
     # the act_quant of the region and every other GEMM bucket stay on Triton
     assert all(x.backend == "triton" for x in p.choices if x.region == c.region and x is not c)
@@ -163,10 +163,29 @@ def test_cutlass_build_failure_goes_back_to_triton(model, tmp_path, monkeypatch)
     monkeypatch.setattr(cutlass, "build", failing)
     monkeypatch.setattr(compiler, "compile_kernels", lambda specs, arch: [])   # Triton builds are not under test
     compiler.build(p, progress=False)
-    assert calls == [("sm90_fp8_gemm_1d2d", WQ_A)] * 3
+    assert calls == [("sm90_fp8_gemm_1d2d", WQ_A)]                   # one build for the three wq_a regions
     wq_a = [c for c in by_region(p, "layers.0.attn.wq_a") if c.stem == "fp8_gemm_1d2d"]
     assert len(wq_a) == 1 and wq_a[0].backend == "triton" and "failed to build (nvcc)" in wq_a[0].why
+    assert wq_a[0].source == "default:sm90" and wq_a[0].triton == () and not p.libraries
     assert all(c.backend == "triton" for c in p.choices)
+
+
+def test_cutlass_build_is_kept_for_the_runtime_and_explained(model, tmp_path, monkeypatch):
+    from dskc.build.nvcc import NvccBuild
+    from dskc.templates import cutlass
+    write(tmp_path, entry())
+    p = plan_with(tmp_path, model)
+    fake = NvccBuild("sm90_fp8_gemm_1d2d", tuple(sorted(CFG.items())), "sm90a", "/nonexistent/lib.so", 167, 0, 0, 0,
+                     0, ("QGMMA",), 0.0, True)
+    monkeypatch.setattr(cutlass, "build", lambda stem, config, arch="sm90a", problem=None: fake)
+    monkeypatch.setattr(compiler, "compile_kernels", lambda specs, arch: [])
+    compiler.build(p, progress=False)
+    assert list(p.libraries.values()) == [fake]
+    assert compiler._cutlass_build(p, "layers.1.attn.wq_a") is fake
+    assert compiler._cutlass_build(p, "layers.1.attn.wo") is None
+    row = [line for line in kernel_table(p).splitlines() if line.startswith("layers.0.attn.wq_a ")
+           and "sm90_fp8_gemm_1d2d" in line]
+    assert len(row) == 1 and "167reg/0spill/QGMMA" in row[0] and "cutlass: measured" in row[0]
 
 
 def test_kernel_linear_rejects_a_wrong_or_failed_build():
