@@ -38,6 +38,18 @@ def quantize_weights(g: Graph, opt: Options) -> Graph:
     return g
 
 
+def fuse_norm_quant(g: Graph, opt: Options) -> Graph:
+    """RMSNorm feeding a single FP8 linear: normalise and quantise (1x128 e4m3) in one kernel. Today's site: the
+    query path's q_norm -> wq_b inside MLA (attn_norm / ffn_norm feed several consumers and stay separate)."""
+    names = {n.name: n for n in g.nodes}
+    for mla in g.by_op(Op.MLA):
+        norm, lin = names.get(f"{mla.name}.q_norm"), names.get(f"{mla.name}.wq_b")
+        if norm is not None and lin is not None and norm.op is Op.RMSNORM and lin.op is Op.FP8_LINEAR:
+            g = g.replace(norm, norm.with_attrs(fused_into=lin.name, epilogue="act_quant"))
+            g = g.replace(lin, lin.with_attrs(prologue="rmsnorm_act_quant"))
+    return g
+
+
 def fuse_moe_epilogues(g: Graph, opt: Options) -> Graph:
     """Grouped GEMM epilogues: SwiGLU (+ FP8 quant) after [gate|up], routed-weight multiply after down."""
     for n in g.by_op(Op.MOE, Op.MLP):
@@ -59,6 +71,7 @@ def fuse_rope_cache_write(g: Graph, opt: Options) -> Graph:
 PASSES: tuple[tuple[str, Callable[[Graph, Options], Graph]], ...] = (
     ("absorb_mla", absorb_mla),
     ("quantize_weights", quantize_weights),
+    ("fuse_norm_quant", fuse_norm_quant),
     ("fuse_moe_epilogues", fuse_moe_epilogues),
     ("fuse_rope_cache_write", fuse_rope_cache_write),
 )

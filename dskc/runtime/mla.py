@@ -42,10 +42,22 @@ class KernelMLA(nn.Module):
                                                          device=wkv_b.device).view(max_batch, pages),
                              persistent=False)
 
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_lora_rank == 0:
+            return self.wq(x)
+        h = self.wq_a(x)
+        if getattr(self.wq_b, "fp8", False) and self.wq_b.node.attr("prologue") == "rmsnorm_act_quant":
+            # q_norm fused with the 1x128 quantisation that wq_b's FP8 GEMM needs: one kernel, no bf16 round trip
+            h2 = h.reshape(-1, h.shape[-1]).contiguous()
+            q8, s8 = ops.rmsnorm_act_quant(h2, self.q_norm.weight.to(h2.dtype), self.q_norm.eps)
+            q = ops.fp8_gemm(q8, s8, self.wq_b.weight, self.wq_b.scale, out_dtype=x.dtype)
+            return q.view(*x.shape[:-1], q.shape[-1])
+        return self.wq_b(self.q_norm(h))
+
     def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask=None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         t = bsz * seqlen
-        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = self._query(x)
         q = q.reshape(t, self.heads, self.nope + self.rope_dim).to(self.kdtype)
         kv_a = self.wkv_a(x).reshape(t, self.c + self.rope_dim).to(self.kdtype).contiguous()
         dev = x.device

@@ -44,6 +44,9 @@ def test_passes_run_in_order_and_are_dumpable(tiny_meta):
     assert wkv_b and all(n.attr("absorbed_into") for n in wkv_b)
     assert all(n.attr("up_epilogue") == "swiglu_quant" and n.attr("routed_weight") for n in g.by_op(Op.MOE))
     assert "layers.0.attn" in str(g)
+    names = {n.name: n for n in g.nodes}
+    assert names["layers.0.attn.q_norm"].attr("fused_into") == "layers.0.attn.wq_b"
+    assert names["layers.0.attn.wq_b"].attr("prologue") == "rmsnorm_act_quant"
 
 
 def test_quantize_weights_pass_turns_bf16_linears_fp8():
