@@ -89,14 +89,11 @@ def _build_cutlass(p: Plan, progress: bool) -> None:
     picks = [(i, c) for i, c in enumerate(p.choices) if c.backend == "cutlass"]
     if not picks:
         return
+    unique = {(c.stem, c.problem, c.config): c for _, c in picks}
     if progress:
-        print(f"[dskc] building {len(picks)} CUTLASS kernels for {p.target} ...", file=sys.stderr, flush=True)
-    built = {}
-    for _, c in picks:
-        key = (c.stem, c.problem, c.config)
-        if key not in built:
-            built[key] = cutlass.build(c.stem, dict(c.config), p.target,
-                                       backends.cutlass_problem(c.triton[0], dict(c.problem)))
+        print(f"[dskc] building {len(unique)} CUTLASS kernels for {p.target} ...", file=sys.stderr, flush=True)
+    built = {key: cutlass.build(c.stem, dict(c.config), p.target,
+                                backends.cutlass_problem(c.triton[0], dict(c.problem))) for key, c in unique.items()}
     for i, c in picks:
         res = built[(c.stem, c.problem, c.config)]
         if res.ok:

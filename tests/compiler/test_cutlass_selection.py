@@ -15,7 +15,6 @@ from dskc.templates.cutlass.spaces import VERIFIED
 
 WQ_A = {"M": 64, "N": 128, "K": 256}          # tiny's attn.wq_a at the selection's token hint (m_hint 64)
 CFG = dict(VERIFIED["sm90_fp8_gemm_1d2d"][0])
-TOOLS = {"triton": "3.9.0"}
 
 
 @pytest.fixture(scope="module")
