@@ -218,7 +218,7 @@ def test_kernel_linear_runs_cutlass_on_gpu():
     src.weight, src.scale = torch.nn.Parameter(q.cuda(), requires_grad=False), s.cuda()
     mod = KernelLinear(src, Node("lin", Op.FP8_LINEAR, (n, k), "fp8"), cutlass=built)
     x = torch.randn(2, m, k, device="cuda", dtype=torch.bfloat16)
-    ref = x.double() @ (q.cuda().double() * s.cuda().double().repeat_interleave(128, 0)[:n]
+    ref = x.double() @ (q.cuda().float().double() * s.cuda().double().repeat_interleave(128, 0)[:n]
                         .repeat_interleave(128, 1)).T
     y = mod(x)
     cos = torch.nn.functional.cosine_similarity(y.double().flatten(), ref.flatten(), dim=0)
