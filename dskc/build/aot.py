@@ -34,6 +34,15 @@ def write(plan, out_dir: str | Path, model_config: dict | None = None) -> Path:
                             "file": f"kernels/{name}", "sha256": digest, "registers": r.registers,
                             "shared_bytes": r.shared_bytes, "spill_bytes": r.spill_store_bytes + r.spill_load_bytes,
                             "tensor_core_ops": list(r.tensor_core_ops)})
+    for (stem, problem, config), lib in getattr(plan, "libraries", {}).items():   # CUTLASS picks (.so)
+        digest = hashlib.sha256(Path(lib.library).read_bytes()).hexdigest()
+        name = f"{stem}-{digest[:16]}.so"
+        shutil.copyfile(lib.library, out / "kernels" / name)
+        kernels.append({"stem": stem, "kernel": lib.name, "backend": "cutlass", "problem": dict(problem),
+                        "config": dict(config), "file": f"kernels/{name}", "sha256": digest,
+                        "registers": lib.registers, "shared_bytes": lib.shared_bytes,
+                        "spill_bytes": lib.spill_store_bytes + lib.spill_load_bytes,
+                        "tensor_core_ops": list(lib.tensor_core_ops)})
     manifest = {
         "version": MANIFEST_VERSION, "target": plan.target.name, "created": datetime.datetime.now(
             datetime.timezone.utc).isoformat(timespec="seconds"), "toolchain": dict(toolchain()),

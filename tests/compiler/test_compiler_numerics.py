@@ -1,6 +1,11 @@
 """The compiled tiny model against eager: a prefill and 16 greedy decode steps, on generated kernels (the Triton
 interpreter on a CPU). The reference is the eager model in float64 with the same weights (and, for FP8, the same
-1x128 activation quantisation); the compiled model must be at least as close to it as the eager model in bf16.
+1x128 activation quantisation).
+
+Without FP8 (bf16 weights, fp16 compute) the compiled model must stay within 5e-3 and pick the same greedy tokens.
+With FP8 weights and activations, a random-weight model is chaotic under any rounding change (a one-ulp flip of an
+e4m3 input moves it by 1/16, and top-k routing amplifies it): eager bf16 itself lands 8-45 % from float64, so the
+compiled model is held to doing no worse than eager bf16.
 """
 import statistics
 
@@ -17,10 +22,10 @@ def _rel(x, ref):
     return ((x.double() - ref).norm() / ref.norm()).item()
 
 
-def _run(dtype_cfg: str):
+def _run(dtype_cfg: str, compute=torch.bfloat16):
     cfg = get_config("tiny", dtype=dtype_cfg)
     impl = "fp8" if dtype_cfg == "fp8" else "bf16"
-    eager = Transformer(cfg, gemm_impl=impl)
+    eager = Transformer(cfg, gemm_impl=impl, dtype=compute)
     init_random(eager, seed=3)
     ref = Transformer(cfg, dtype=torch.float64, gemm_impl=impl)
     ref.load_state_dict(eager.state_dict())
@@ -42,8 +47,8 @@ def _run(dtype_cfg: str):
 
 
 @pytest.fixture(scope="module")
-def bf16_run():
-    return _run("bf16")
+def half_run():
+    return _run("bf16", compute=torch.float16)
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +56,12 @@ def fp8_run():
     return _run("fp8")
 
 
-def test_bf16_weights_as_close_to_float64_as_eager_bf16(bf16_run):
-    errs, eager_errs, agree, compiled = bf16_run
+def test_without_fp8_within_5e3_and_same_greedy_tokens(half_run):
+    errs, eager_errs, agree, compiled = half_run
     assert compiled.plan.fallbacks == []
-    # measured here: compiled 0.008-0.012, eager bf16 0.009-0.013 (bf16 rounding dominates both)
-    for c, e in zip(errs, eager_errs):
-        assert c <= 1.25 * e + 1e-3, (errs, eager_errs)
-    assert max(errs) < 2e-2
-    assert sum(agree) >= STEPS - 1, agree  # greedy choice as eager bf16's, but for a near-tie
+    # measured here: compiled <= 1.6e-3 at every step, eager fp16 <= 2.1e-3
+    assert max(errs) < 5e-3, errs
+    assert all(agree), agree
 
 
 def test_fp8_weights_and_activations_as_close_as_eager_bf16(fp8_run):
@@ -71,8 +74,8 @@ def test_fp8_weights_and_activations_as_close_as_eager_bf16(fp8_run):
     assert statistics.median(errs) < 0.2
 
 
-def test_compiled_model_keeps_call_signature_and_leaves_original_alone(bf16_run):
-    *_, compiled = bf16_run
+def test_compiled_model_keeps_call_signature_and_modules(half_run):
+    *_, compiled = half_run
     from dskc.runtime.mla import KernelMLA
     from dskc.runtime.modules import KernelLinear, KernelMoE
     mods = dict(compiled.module.named_modules())
