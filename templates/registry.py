@@ -1,6 +1,7 @@
 """Find template stems and evaluate their declared spaces and constraints."""
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 import pkgutil
@@ -11,23 +12,27 @@ from dskc.arch import parse
 _REQUIRED = ("STEM", "SPACE", "CONSTRAINTS", "DEFAULTS", "problem_names", "compile_specs", "cost")
 
 
-def stems() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _index() -> dict[str, str]:
+    """STEM -> module name, scanned once per process (lookups sit on kernel-launch paths)."""
     from dskc.templates import triton as pkg
-    found = []
+    found = {}
     for info in pkgutil.iter_modules(pkg.__path__):
         mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
         if all(hasattr(mod, attr) for attr in _REQUIRED):
-            found.append(mod.STEM)
-    return sorted(found)
+            found[mod.STEM] = mod.__name__
+    return found
+
+
+def stems() -> list[str]:
+    return sorted(_index())
 
 
 def get(stem: str) -> ModuleType:
-    from dskc.templates import triton as pkg
-    for info in pkgutil.iter_modules(pkg.__path__):
-        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        if getattr(mod, "STEM", None) == stem and all(hasattr(mod, a) for a in _REQUIRED):
-            return mod
-    raise KeyError(f"unknown kernel stem {stem!r}; known stems: {stems()}")
+    name = _index().get(stem)
+    if name is None:
+        raise KeyError(f"unknown kernel stem {stem!r}; known stems: {stems()}")
+    return importlib.import_module(name)
 
 
 def default_config(stem: str, arch) -> dict:
@@ -38,9 +43,15 @@ def default_config(stem: str, arch) -> dict:
     return dict(mod.DEFAULTS[family])
 
 
-def satisfies(mod: ModuleType, config: dict, problem: dict) -> bool:
+def broken_constraints(mod: ModuleType, config: dict, problem: dict) -> list[str]:
+    """The declared constraints `config` breaks for `problem` (empty when it meets them all)."""
     scope = {**problem, **config}
-    return all(bool(eval(expr, {"__builtins__": {}, "min": min, "max": max}, scope)) for expr in mod.CONSTRAINTS)
+    return [expr for expr in mod.CONSTRAINTS
+            if not bool(eval(expr, {"__builtins__": {}, "min": min, "max": max}, scope))]
+
+
+def satisfies(mod: ModuleType, config: dict, problem: dict) -> bool:
+    return not broken_constraints(mod, config, problem)
 
 
 def configs(mod: ModuleType, problem: dict):

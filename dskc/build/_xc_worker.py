@@ -70,7 +70,7 @@ def _compile_one(spec: dict, cc: int, suffix: str, workdir: str) -> dict:
 def main() -> None:
     req = json.loads(sys.stdin.read())
     cc, suffix = req["arch"]
-    workdir = tempfile.mkdtemp(prefix="dskc-xc-")
+    workdir = req["workdir"]  # the caller's temporary folder: it removes it after publishing the builds
     results = []
     for spec in req["specs"]:
         try:

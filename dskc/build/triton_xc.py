@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import importlib
 import inspect
@@ -16,6 +17,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from dskc import knobs
@@ -72,9 +74,14 @@ class CompileError(RuntimeError):
 
 
 def _source_hash(spec: CompileSpec) -> str:
+    return _module_hash(spec.module)
+
+
+@functools.lru_cache(maxsize=None)
+def _module_hash(module: str) -> str:
     """The kernel module's source plus its private siblings (`_*.py` helpers it may import), so editing a shared
-    helper invalidates every build that could use it."""
-    mod = importlib.import_module(spec.module)
+    helper invalidates every build that could use it. Read once per process (every cache lookup needs it)."""
+    mod = importlib.import_module(module)
     path = Path(inspect.getsourcefile(mod))
     h = hashlib.sha256(path.read_bytes())
     for helper in sorted(path.parent.glob("_*.py")):
@@ -106,21 +113,25 @@ def compile_kernels(specs: list[CompileSpec], arch: str | Arch) -> list[KernelRe
         else:
             todo.append(i)
     if todo:
-        results = _run_worker([specs[i] for i in todo], arch)
-        for i, res in zip(todo, results):
-            if "error" in res:
-                out[i] = CompileError(f"{specs[i].name} for {arch}: {res['error']}")
-                continue
-            _COUNTS[arch.name] += 1
-            key = _key(specs[i], arch)
-
-            def _publish(tmp: Path, res=res):
-                for fname, src in res["files"].items():
-                    Path(tmp / fname).write_bytes(Path(src).read_bytes())
-                return res["meta"]
-            entry, _ = cache.get_or_build(key, _publish)
-            out[i] = _report_from(entry, specs[i], arch)
+        with tempfile.TemporaryDirectory(prefix="dskc-xc-") as workdir:  # the worker's files, gone once published
+            _publish_results(specs, todo, _run_worker([specs[i] for i in todo], arch, workdir), arch, out)
     return out
+
+
+def _publish_results(specs, todo, results, arch: Arch, out: list) -> None:
+    """Move each successful build into the cache and put its report (or the CompileError) in `out`."""
+    for i, res in zip(todo, results):
+        if "error" in res:
+            out[i] = CompileError(f"{specs[i].name} for {arch}: {res['error']}")
+            continue
+        _COUNTS[arch.name] += 1
+
+        def _publish(tmp: Path, res=res):
+            for fname, src in res["files"].items():
+                Path(tmp / fname).write_bytes(Path(src).read_bytes())
+            return res["meta"]
+        entry, _ = cache.get_or_build(_key(specs[i], arch), _publish)
+        out[i] = _report_from(entry, specs[i], arch)
 
 
 def build_count(arch: str | None = None) -> int:
@@ -144,8 +155,9 @@ def _report_from(entry: Path, spec: CompileSpec, arch: Arch) -> KernelReport:
                         cubin=str(entry / "kernel.cubin"))
 
 
-def _run_worker(specs: list[CompileSpec], arch: Arch) -> list[dict]:
-    payload = json.dumps({"arch": [arch.cc, arch.suffix], "specs": [dataclasses.asdict(s) for s in specs]})
+def _run_worker(specs: list[CompileSpec], arch: Arch, workdir: str) -> list[dict]:
+    payload = json.dumps({"arch": [arch.cc, arch.suffix], "workdir": workdir,
+                          "specs": [dataclasses.asdict(s) for s in specs]})
     try:
         proc = subprocess.run([sys.executable, "-m", "dskc.build._xc_worker"], input=payload, text=True,
                               capture_output=True, env=knobs.subprocess_env(interpret=False),

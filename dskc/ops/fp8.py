@@ -6,8 +6,6 @@ TypeError / ValueError naming the problem. Tensors must be CUDA tensors, or CPU 
 """
 from __future__ import annotations
 
-import importlib
-from types import SimpleNamespace
 
 import torch
 
@@ -32,12 +30,11 @@ def _family(device: torch.device) -> str:
 
 
 _TUNED_ARCH = {"sm80": "sm80", "sm90": "sm90a", "sm100": "sm100a"}
-# stem -> its template module (imported directly: registry.get scans the package on every call)
-_MODULES = {"act_quant": "act_quant", "fp8_gemm_1d2d": "fp8_gemm", "bf16_gemm": "bf16_gemm"}
 
 
 def _template(stem: str):
-    return importlib.import_module(f"dskc.templates.triton.{_MODULES[stem]}")
+    from dskc.templates import registry
+    return registry.get(stem)
 
 
 def _config(stem: str, device: torch.device, config: dict | None, problem: dict) -> dict:
@@ -61,7 +58,7 @@ def _config(stem: str, device: torch.device, config: dict | None, problem: dict)
         if unknown:
             raise ValueError(f"config keys {unknown} are not in {stem!r}'s space {list(mod.SPACE)}")
         cfg.update(config)
-    broken = [c for c in mod.CONSTRAINTS if not registry.satisfies(SimpleNamespace(CONSTRAINTS=(c,)), cfg, problem)]
+    broken = registry.broken_constraints(mod, cfg, problem)
     if broken:
         raise ValueError(f"config {cfg} breaks {stem!r}'s constraints {broken} for problem {problem}")
     return cfg

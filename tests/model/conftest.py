@@ -1,20 +1,8 @@
-"""Fixtures for the model tests.
-
-Every test here runs with one intra-op thread: on the 2-core CI box shared with other jobs, two threads made a
-128x256x512 matmul ~40x slower (48 ms vs 1.2 ms measured) through oversubscription.
-"""
+"""Fixtures for the model tests (one intra-op thread per test comes from tests/conftest.py)."""
 import pytest
 import torch
 
 from dskc.model import Transformer, get_config, init_random
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
