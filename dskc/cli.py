@@ -1,4 +1,4 @@
-"""The `dskc` command line: demo, report, tune (and, as they land, compile / run / explain / bench)."""
+"""The `dskc` command line: demo, compile, run, explain, report, tune, bench."""
 from __future__ import annotations
 
 import argparse
@@ -125,6 +125,58 @@ def _compile(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    """Prompts through a model on generated kernels: compiled here for --target, or loaded from a `dskc compile
+    --out` DIR (--from). Weights from --checkpoint, else random (seeded)."""
+    import torch
+
+    from dskc import compiler
+    from dskc.model import ModelArgs, Transformer, init_random, load_checkpoint
+
+    if args.from_dir:
+        from dskc.build import aot
+        shipped = aot.verify(args.from_dir).get("model") or {}
+        if args.model:
+            raise ValueError("--model and --from both name the model: give one (--from DIR holds its config)")
+        if not shipped:
+            raise ValueError(f"{args.from_dir}'s manifest has no model config: run it with --model")
+        cfg = ModelArgs(**shipped)
+    else:
+        cfg = _model_args(args.model or "tiny")
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)   # small matmuls on a shared CPU run faster on one thread
+    device = "cuda" if torch.cuda.is_available() else None
+    model = Transformer(cfg, device=device)
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint)
+        weights = f"checkpoint {args.checkpoint}"
+    else:
+        init_random(model, seed=args.seed)
+        weights = f"random weights (seed {args.seed})"
+    t0 = time.perf_counter()
+    if args.from_dir:
+        compiled = compiler.load(model, args.from_dir, inplace=True)
+        how = f"loaded from {args.from_dir} ({compiled.aot.reason})"
+    else:
+        compiled = compiler.compile(model, args.target, inplace=True)
+        how = f"compiled for {compiled.plan.target}"
+    print(f"dskc run: {cfg.n_layers} layers, dim {cfg.dim}, {weights}; kernels {how} in "
+          f"{time.perf_counter() - t0:.1f} s; fallbacks: {len(compiled.plan.fallbacks)}"
+          + "".join(f"\n  {r}: {why}" for r, why in compiled.plan.fallbacks))
+    torch.manual_seed(args.seed)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in args.prompt_lens]
+    out, tps = _timed_generate(compiled.module, prompts, args.new_tokens)
+    for i, toks in enumerate(out):
+        print(f"prompt {i} ({len(prompts[i])} tokens) -> {toks}")
+    where = "GPU" if torch.cuda.is_available() else "CPU, Triton interpreter: not kernel performance"
+    print(f"{sum(len(o) for o in out)} new tokens, {tps:.2f} tokens/s ({where})")
+    stats = getattr(getattr(compiled, "aot", None), "stats", None)
+    if stats is not None and torch.cuda.is_available():
+        print(f"kernels from {args.from_dir}: {stats.served} served, {stats.compiled} compiled here"
+              + "".join(f"\n  {fn}: {why}" for fn, why in stats.misses[:20]))
+    return 0
+
+
 def _explain(args) -> int:
     from dskc.explain import render
 
@@ -168,6 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="a named config (tiny, deepseek-v2-lite, ...) or a config .json")
     c.add_argument("--target", required=True, help="sm90a | sm100a | sm80")
     c.add_argument("--out", required=True, help="output directory (cubins + manifest.json)")
+    u = sub.add_parser("run", help="generate on the generated kernels (compiled now, or loaded from --from DIR)")
+    u.add_argument("--model", default=None, help="a named config or a config .json (default tiny)")
+    u.add_argument("--from", dest="from_dir", help="a `dskc compile --out` directory: its kernels and model config")
+    u.add_argument("--target", default="auto", help="arch to compile for when not --from (auto: this GPU; sm90a "
+                   "without one)")
+    u.add_argument("--checkpoint", help="weights directory (DeepSeek or HF layout); default random weights")
+    u.add_argument("--prompt-lens", type=int, nargs="+", default=[7, 5])
+    u.add_argument("--new-tokens", type=int, default=8)
+    u.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("explain", help="IR after each pass, region -> kernel table, fallbacks")
     e.add_argument("--model", default="tiny")
     e.add_argument("--target", default="sm90a")
@@ -188,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return {"demo": _demo, "report": _report, "compile": _compile, "explain": _explain}[args.cmd](args)
+        return {"demo": _demo, "report": _report, "compile": _compile, "run": _run,
+                "explain": _explain}[args.cmd](args)
     except (ValueError, KeyError, RuntimeError) as exc:
         print(f"dskc {args.cmd}: error: {exc}", file=sys.stderr)
         return 2

@@ -191,3 +191,40 @@ def compile(model: nn.Module, target="auto", *, options: Options = Options(), bu
     for region, reason in p.fallbacks:
         log.warning("dskc: fallback for %s: %s", region, reason)
     return CompiledModel(module, p)
+
+
+def load(model: nn.Module, out_dir, *, inplace: bool = False, progress: bool = False) -> CompiledModel:
+    """`model` on the kernels of a `dskc compile --out DIR` build.
+
+    The manifest is verified first (every shipped file against its hash); a model whose config differs from the
+    one compiled, or a GPU of another arch than the build's, is refused. On a GPU the shipped cubins serve Triton's
+    launches (dskc.runtime.aot: nothing compiles when this machine's Triton built them; every launch that does
+    compile is counted in `compiled.aot.stats` and logged). Without a GPU the same kernels run through the
+    interpreter. A selection that differs from the manifest's (a tuned database changed since) is logged.
+    Not yet: CUTLASS picks are rebuilt from the dskc cache (nvcc), not loaded from DIR.
+    """
+    from dskc.arch import detect
+    from dskc.build import aot as aot_files
+    from dskc.runtime import aot as aot_runtime
+
+    manifest = aot_files.verify(out_dir)
+    shipped_cfg, args = manifest.get("model") or {}, getattr(model, "args", None)
+    if shipped_cfg and dataclasses.is_dataclass(args):
+        mine = dataclasses.asdict(args)
+        differ = sorted(k for k in set(shipped_cfg) | set(mine) if shipped_cfg.get(k) != mine.get(k))
+        if differ:
+            raise ValueError(f"{out_dir} was compiled for another model: {', '.join(differ)} differ "
+                             f"(e.g. {differ[0]}: built {shipped_cfg.get(differ[0])!r}, here {mine.get(differ[0])!r})")
+    target = parse(manifest["target"])
+    if torch.cuda.is_available() and detect().cc != target.cc:
+        raise ValueError(f"{out_dir} holds kernels for {target}, this GPU is {detect()}: compile for it with "
+                         f"`dskc compile --target {detect()}`")
+    installed = aot_runtime.install(out_dir, manifest)
+    compiled = compile(model, target, build_kernels=False, inplace=inplace, progress=progress)
+    want = {(r["region"], r["stem"], tuple(sorted(r["config"].items()))) for r in manifest["regions"]}
+    have = {(c.region, c.stem, c.config) for c in compiled.plan.choices}
+    if want != have:
+        log.warning("dskc: the selection here differs from %s's in %d kernels (tuned database changed?): those "
+                    "launches compile", out_dir, len(want ^ have))
+    compiled.aot = installed
+    return compiled

@@ -42,7 +42,10 @@ def _compile_one(spec: dict, cc: int, suffix: str, workdir: str) -> dict:
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
-    sig = {k: v for k, v in spec["signature"]}
+    given = {k: v for k, v in spec["signature"]}
+    if sorted(given) != sorted(fn.arg_names):
+        raise ValueError(f"signature names {sorted(given)} are not {spec['kernel']}'s parameters {fn.arg_names}")
+    sig = {name: given[name] for name in fn.arg_names}   # in parameter order: attrs below index parameters
     consts = {k: v for k, v in spec["constexprs"]}
     # Pointer arguments are 16-byte aligned, as Triton's launcher specialises them at run time on a GPU (dskc.ops
     # checks it before launching); without this a cross-compile loses vectorised loads and reports false spills.
@@ -56,6 +59,9 @@ def _compile_one(spec: dict, cc: int, suffix: str, workdir: str) -> dict:
         f.write(ck.asm["cubin"])
     with open(os.path.join(out_dir, "kernel.ptx"), "w") as f:
         f.write(ck.asm["ptx"])
+    meta_json = os.path.join(out_dir, "kernel.json")  # Triton's own metadata: what a launcher needs (dskc.runtime.aot)
+    with open(meta_json, "w") as f:
+        f.write(json.dumps(ck.metadata._asdict(), default=vars))
     usage = parse_resource_usage(subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", cubin],
                                                 capture_output=True, text=True).stdout)
     sass = subprocess.run([_bin("cuobjdump"), "--dump-sass", cubin], capture_output=True, text=True).stdout
@@ -63,8 +69,10 @@ def _compile_one(spec: dict, cc: int, suffix: str, workdir: str) -> dict:
     meta = {"registers": usage["registers"], "stack": usage["stack"],
             "shared": max(int(ck.metadata.shared), usage["static_shared"]),
             "spill_stores": stores, "spill_loads": loads, "tensor_core_ops": tensor_core_ops(sass),
-            "name": ck.metadata.name, "num_warps": spec["num_warps"]}
-    return {"files": {"kernel.cubin": cubin, "kernel.ptx": os.path.join(out_dir, "kernel.ptx")}, "meta": meta}
+            "name": ck.metadata.name, "num_warps": spec["num_warps"],
+            "divisible_by_16": [fn.arg_names[i] for (i,) in sorted(attrs)]}
+    return {"files": {"kernel.cubin": cubin, "kernel.ptx": os.path.join(out_dir, "kernel.ptx"),
+                      "kernel.json": meta_json}, "meta": meta}
 
 
 def main() -> None:

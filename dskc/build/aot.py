@@ -10,7 +10,15 @@ from pathlib import Path
 
 from dskc.build.triton_xc import CompileError, toolchain
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2   # 2: each Triton kernel ships Triton's metadata JSON and its launch specialisation
+
+
+def _copy(src: str | Path, out: Path, stem: str, ext: str) -> tuple[str, str]:
+    """Copy src into out/kernels/ under a content name; returns (relative file, sha256)."""
+    digest = hashlib.sha256(Path(src).read_bytes()).hexdigest()
+    name = f"kernels/{stem}-{digest[:16]}.{ext}"
+    shutil.copyfile(src, out / name)
+    return name, digest
 
 
 def write(plan, out_dir: str | Path, model_config: dict | None = None) -> Path:
@@ -23,23 +31,28 @@ def write(plan, out_dir: str | Path, model_config: dict | None = None) -> Path:
         raise RuntimeError(f"{len(failed)} kernels did not build for {plan.target}; first: {failed[0][1]}")
     if not plan.reports:
         raise RuntimeError("the plan has no built kernels: run dskc.compiler.build(plan) first")
+    from dskc.templates import registry
+
     (out / "kernels").mkdir(parents=True, exist_ok=True)
     kernels = []
     for (stem, problem, config), reports in plan.reports.items():
-        for r in reports:
-            digest = hashlib.sha256(Path(r.cubin).read_bytes()).hexdigest()
-            name = f"{stem}-{digest[:16]}.cubin"
-            shutil.copyfile(r.cubin, out / "kernels" / name)
+        specs = registry.get(stem).compile_specs(dict(problem), dict(config))
+        for spec, r in zip(specs, reports):
+            name, digest = _copy(r.cubin, out, stem, "cubin")
+            meta_name, meta_digest = _copy(r.metadata, out, stem, "json")
             kernels.append({"stem": stem, "kernel": r.name, "problem": dict(problem), "config": dict(config),
-                            "file": f"kernels/{name}", "sha256": digest, "registers": r.registers,
-                            "shared_bytes": r.shared_bytes, "spill_bytes": r.spill_store_bytes + r.spill_load_bytes,
+                            "file": name, "sha256": digest, "metadata": meta_name, "metadata_sha256": meta_digest,
+                            "launch": {"module": spec.module, "function": spec.kernel,
+                                       "signature": dict(spec.signature), "constexprs": dict(spec.constexprs),
+                                       "num_warps": spec.num_warps, "num_stages": spec.num_stages,
+                                       "divisible_by_16": list(r.divisible_by_16)},
+                            "registers": r.registers, "shared_bytes": r.shared_bytes,
+                            "spill_bytes": r.spill_store_bytes + r.spill_load_bytes,
                             "tensor_core_ops": list(r.tensor_core_ops)})
     for (stem, problem, config), lib in getattr(plan, "libraries", {}).items():   # CUTLASS picks (.so)
-        digest = hashlib.sha256(Path(lib.library).read_bytes()).hexdigest()
-        name = f"{stem}-{digest[:16]}.so"
-        shutil.copyfile(lib.library, out / "kernels" / name)
+        name, digest = _copy(lib.library, out, stem, "so")
         kernels.append({"stem": stem, "kernel": lib.name, "backend": "cutlass", "problem": dict(problem),
-                        "config": dict(config), "file": f"kernels/{name}", "sha256": digest,
+                        "config": dict(config), "file": name, "sha256": digest,
                         "registers": lib.registers, "shared_bytes": lib.shared_bytes,
                         "spill_bytes": lib.spill_store_bytes + lib.spill_load_bytes,
                         "tensor_core_ops": list(lib.tensor_core_ops)})
@@ -59,13 +72,28 @@ def write(plan, out_dir: str | Path, model_config: dict | None = None) -> Path:
 
 
 def verify(out_dir: str | Path) -> dict:
-    """Read a manifest back and check every cubin against its hash; raises ValueError naming a bad file."""
+    """Read a manifest back and check every shipped file against its hash; raises ValueError naming a bad file
+    (or a missing / unreadable manifest, or one written by an incompatible dskc)."""
     out = Path(out_dir)
-    manifest = json.loads((out / "manifest.json").read_text())
+    path = out / "manifest.json"
+    if not path.is_file():
+        raise ValueError(f"{out} holds no manifest.json: not a `dskc compile --out` directory")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): corrupt or edited") from None
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{path} has manifest version {manifest.get('version')}, this dskc reads "
+                         f"{MANIFEST_VERSION}: compile it again with `dskc compile --out`")
     for k in manifest["kernels"]:
-        data = (out / k["file"]).read_bytes()
-        if hashlib.sha256(data).hexdigest() != k["sha256"]:
-            raise ValueError(f"{k['file']} does not match its manifest hash (corrupt or edited)")
+        for file_key, sha_key in (("file", "sha256"), ("metadata", "metadata_sha256")):
+            if file_key not in k:
+                continue
+            f = out / k[file_key]
+            if not f.is_file():
+                raise ValueError(f"{f} is listed in the manifest but missing")
+            if hashlib.sha256(f.read_bytes()).hexdigest() != k[sha_key]:
+                raise ValueError(f"{k[file_key]} does not match its manifest hash (corrupt or edited)")
     return manifest
 
 

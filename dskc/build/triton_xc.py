@@ -26,7 +26,7 @@ from dskc.build import cache
 
 # Tensor-core instruction families in SASS: Hopper wgmma (GMMA), Blackwell tcgen05 (UTC*MMA), Ampere mma.sync (HMMA).
 TENSOR_CORE_OPS = ("QGMMA", "HGMMA", "IGMMA", "BGMMA", "UTCQMMA", "UTCHMMA", "UTCIMMA", "UTCOMMA", "HMMA", "IMMA")
-_ATTRS_VERSION = "ptr-div16"     # how the worker specialises arguments; part of the key
+_ATTRS_VERSION = "ptr-div16+meta2"  # how the worker specialises arguments (and what it keeps); part of the key
 _COUNTS = collections.Counter()  # builds actually run in this process (misses), for "warm path must not recompile"
 
 
@@ -60,6 +60,8 @@ class KernelReport:
     spill_load_bytes: int
     tensor_core_ops: tuple   # sorted distinct tensor-core SASS opcodes
     cubin: str               # path of the cached cubin
+    metadata: str = ""       # path of Triton's metadata JSON beside it (what a launcher for the cubin needs)
+    divisible_by_16: tuple = ()  # names of the arguments the cubin assumes 16-divisible (the pointers)
 
     @property
     def spills(self) -> bool:
@@ -152,7 +154,8 @@ def _report_from(entry: Path, spec: CompileSpec, arch: Arch) -> KernelReport:
     return KernelReport(name=spec.name, arch=arch.name, registers=meta["registers"], shared_bytes=meta["shared"],
                         stack_bytes=meta["stack"], spill_store_bytes=meta["spill_stores"],
                         spill_load_bytes=meta["spill_loads"], tensor_core_ops=tuple(meta["tensor_core_ops"]),
-                        cubin=str(entry / "kernel.cubin"))
+                        cubin=str(entry / "kernel.cubin"), metadata=str(entry / "kernel.json"),
+                        divisible_by_16=tuple(meta.get("divisible_by_16", ())))
 
 
 def _run_worker(specs: list[CompileSpec], arch: Arch, workdir: str) -> list[dict]:

@@ -61,8 +61,10 @@ def _moe(n: Node, m: int) -> list[tuple[str, dict]]:
 
 def _mla(n: Node, m: int) -> list[tuple[str, dict]]:
     h = n.attr("heads")
+    # decode (one query per sequence) and prefill (the runtime runs a prompt as causal s_q > 1 over the cache)
     return [("mla_rope", {"tokens": m, "h_q": h, "kv_fp8": 0}),
-            ("mla_decode", {"batch": m, "s_q": 1, "h_q": h, "seqlen": 4096, "page_size": 64, "kv_fp8": 0})]
+            ("mla_decode", {"batch": m, "s_q": 1, "h_q": h, "seqlen": 4096, "page_size": 64, "kv_fp8": 0}),
+            ("mla_decode", {"batch": 1, "s_q": m, "h_q": h, "seqlen": 4096, "page_size": 64, "kv_fp8": 0})]
 
 
 CANDIDATES = {Op.LINEAR: _linear, Op.FP8_LINEAR: _linear, Op.MLP: _mlp, Op.MOE: _moe, Op.MLA: _mla}

@@ -1,0 +1,6 @@
+"""`python -m dskc` is the `dskc` command."""
+import sys
+
+from dskc.cli import main
+
+sys.exit(main())
