@@ -242,7 +242,8 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal=Fa
     _dec.mla_decode_split_kernel[grid](
         q, kv, sc, rope, block_table, cache_seqlens, metadata.tile_scheduler_metadata, metadata.num_splits,
         out, lse, oacc, lacc, s_q, h_q, block_table.stride(0), lse.stride(0), lse.stride(1),
-        float(softmax_scale) * math.log2(math.e), PAGE=page, **_dec.token_strides(kv_format == "fp8"), CAUSAL=bool(causal) and s_q > 1, FP8=kv_format == "fp8", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        float(softmax_scale) * math.log2(math.e), PAGE=page, **_dec.token_strides(kv_format == "fp8"),
+        CAUSAL=bool(causal) and s_q > 1, FP8=kv_format == "fp8", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], BLOCK_DV=cfg["BLOCK_DV"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _dec.mla_decode_combine_kernel[(b, triton_cdiv(rows, _dec.COMBINE_BLOCK_R))](
         out, lse, oacc, lacc, metadata.num_splits, s_q, h_q, out.stride(0), out.stride(1), out.stride(2),
@@ -306,7 +307,7 @@ def _check_cache_target(kv_cache, slots, kv_format, tokens, device):
         raise TypeError(f"slots must be int32 [{tokens}] (see paged_slots), got "
                         f"{None if slots is None else (slots.dtype, tuple(slots.shape))}")
     capacity = kv_cache.shape[0] * kv_cache.shape[1]
-    if tokens and bool((slots >= capacity).any()):
+    if tokens and _should_validate(None, device) and bool((slots >= capacity).any()):
         raise ValueError(f"slots beyond the cache's {capacity} token slots")
 
 
@@ -331,7 +332,8 @@ def rope_norm_cache_write(kv_a, norm_weight, rope_table, positions, q_pe=None, *
                         f"{tuple(rope_table.shape)}")
     if positions.dtype != torch.int32 or tuple(positions.shape) != (t,):
         raise TypeError(f"positions must be int32 [{t}]")
-    if t and bool(((positions < 0) | (positions >= rope_table.shape[0])).any()):
+    if t and _should_validate(None, positions.device) and bool(
+            ((positions < 0) | (positions >= rope_table.shape[0])).any()):
         raise ValueError(f"positions outside the rope table's 0..{rope_table.shape[0] - 1}")
     if q_pe is not None and (q_pe.dim() != 3 or q_pe.shape[0] != t or q_pe.shape[2] != D_ROPE
                              or q_pe.stride(2) != 1 or q_pe.dtype not in _FLOATS):
