@@ -123,6 +123,7 @@ def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def _kernel_module(node, src: nn.Module, model: nn.Module, options: Options, cutlass=None):
+    from dskc.runtime.block import KernelBlock
     from dskc.runtime.mla import KernelMLA
     from dskc.runtime.modules import KernelLinear, KernelMLP, KernelMoE
 
@@ -135,6 +136,8 @@ def _kernel_module(node, src: nn.Module, model: nn.Module, options: Options, cut
     if node.op is Op.MLA:
         args = getattr(model, "args", None)
         return KernelMLA(src, node, getattr(args, "max_batch_size", 8), getattr(args, "max_seq_len", 4096))
+    if node.op is Op.BLOCK:   # wraps its parts, already kernel modules; a block with nothing fused stays as it is
+        return KernelBlock(src, node) if node.attr("attn_norm") or node.attr("ffn_norm") else None
     return None
 
 
@@ -176,7 +179,7 @@ def compile(model: nn.Module, target="auto", *, options: Options = Options(), bu
         _build_cutlass(p, progress)   # Triton kernels JIT at first launch; a CUTLASS pick needs its library now
     module = model if inplace else copy.deepcopy(model)
     failed = {region for region, _ in p.fallbacks}
-    for node in p.graph.nodes:
+    for node in sorted(p.graph.nodes, key=lambda n: n.op is Op.BLOCK):   # blocks last: they wrap their parts
         if node.name in failed or node.op in (Op.RMSNORM, Op.FALLBACK) or node.attr("absorbed_into"):
             continue
         try:

@@ -1,6 +1,8 @@
 """`dskc explain`: the IR after each pass, the region -> kernel table, and every fallback with its reason."""
 from __future__ import annotations
 
+import re
+
 
 def _fmt(pairs) -> str:
     return ",".join(f"{k}={v}" for k, v in pairs)
@@ -41,12 +43,24 @@ def kernel_table(plan) -> str:
     for c in plan.choices:
         built = _built(plan, c)
         rows.append((c.region, c.stem, _fmt(c.config), plan.target.name, c.source, built, _backend(c)))
-    eager = [n.name for n in plan.graph.nodes if n.op.value in ("rmsnorm",)]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    fused = _patterns(f"{n.name} -> {n.attr('fused_into')}" for n in plan.graph.nodes if n.attr("fused_into"))
+    if fused:
+        lines.append(f"fused into another region's kernels: {fused}")
+    eager = [n.name for n in plan.graph.nodes if n.op.value == "rmsnorm" and not n.attr("fused_into")]
     if eager:
-        lines.append(f"eager PyTorch (not lowered, by design): {len(eager)} RMSNorm regions")
+        lines.append(f"eager PyTorch (not lowered, by design): {len(eager)} RMSNorm regions: {_patterns(eager)}")
     return "\n".join(lines)
+
+
+def _patterns(names) -> str:
+    """Names with their layer numbers folded ("layers.*.ffn_norm (2)"), in first-seen order, with counts."""
+    counts = {}
+    for name in names:
+        key = re.sub(r"(?<=\.)\d+(?=\.|\s|$)", "*", name)
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} ({v})" for k, v in counts.items())
 
 
 def render(plan, passes: bool = True) -> str:

@@ -2,14 +2,15 @@
 
 model/ never calls dskc: a region is recognised from what a module holds (an MLA block has wkv_a, wkv_b, wo and
 kv_norm; an MoE block has a gate and a list of experts; a linear is a leaf with a 2-D weight and, for FP8, a block
-scale). Anything else stays as it is and runs as eager PyTorch (or Inductor under torch.compile).
+scale; a transformer block holds attn_norm, attn (MLA), ffn_norm and ffn (MLP or MoE)). Anything else stays as it
+is and runs as eager PyTorch (or Inductor under torch.compile).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from dskc.ir.graph import Graph, Node, Op, verify
+from dskc.ir.graph import BLOCK_PARTS, Graph, Node, Op, verify
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
 
@@ -39,6 +40,12 @@ def is_linear(m) -> bool:
 def is_rmsnorm(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
     return isinstance(w, torch.Tensor) and w.dim() == 1 and hasattr(m, "eps") and not list(m.children())
+
+
+def is_block(m: nn.Module) -> bool:
+    """A pre-norm residual block (model.Block): x + attn(attn_norm(x)), then x + ffn(ffn_norm(x))."""
+    return (_has(m, *BLOCK_PARTS) and is_rmsnorm(m.attn_norm) and is_rmsnorm(m.ffn_norm) and is_mla(m.attn)
+            and (is_mlp(m.ffn) or is_moe(m.ffn)))
 
 
 def _linear_node(name: str, m: nn.Module) -> Node:
@@ -74,7 +81,9 @@ def find_regions(model: nn.Module) -> Graph:
     for name, m in model.named_modules():
         if any(name == c or name.startswith(c + ".") for c in covered):
             continue
-        if is_mla(m):
+        if is_block(m):
+            nodes.append(Node(name, Op.BLOCK, ("T", m.attn_norm.weight.shape[0]), "bf16"))  # its parts follow
+        elif is_mla(m):
             nodes.append(_mla_node(name, m))      # its projections are visited below as linears
         elif is_moe(m):
             nodes.append(_moe_node(name, m))

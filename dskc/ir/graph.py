@@ -1,7 +1,9 @@
 """dskc's IR: a small, typed, immutable graph of regions, verified between passes, printable for `dskc explain`.
 
 A node is a region of the model that dskc lowers as one unit (an FP8 linear, the MoE block, MLA attention) or a
-span it leaves to the fallback. Shapes are symbolic where the batch or sequence length is dynamic ("T" = tokens).
+span it leaves to the fallback. A BLOCK node stands for a transformer block whose parts (attn_norm, attn, ffn_norm,
+ffn) are nodes of their own: it is where work across those parts fuses (the norms into their consumers' GEMMs).
+Shapes are symbolic where the batch or sequence length is dynamic ("T" = tokens).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ class Op(enum.Enum):
     MLP = "mlp"                  # dense SwiGLU MLP
     MLA = "mla"                  # multi-head latent attention (naive or absorbed)
     ATTENTION = "attention"      # standard attention (SDPA)
+    BLOCK = "block"              # pre-norm residual block: x + attn(attn_norm(x)), then x + ffn(ffn_norm(x))
     FALLBACK = "fallback"        # left to Inductor / eager, with a reason
 
 
@@ -55,6 +58,9 @@ class Graph:
         return "\n".join(lines)
 
 
+BLOCK_PARTS = ("attn_norm", "attn", "ffn_norm", "ffn")   # a BLOCK node's parts, as child names
+
+
 class VerifyError(ValueError):
     pass
 
@@ -75,4 +81,12 @@ def verify(graph: Graph) -> Graph:
             raise VerifyError(f"{n.name}: FP8 linear input width {n.shape[1]} is not a multiple of 128")
         if n.op is Op.FALLBACK and not n.attr("reason"):
             raise VerifyError(f"{n.name}: a fallback must carry its reason")
+    for n in graph.nodes:
+        for key in ("fused_into", "absorbed_into"):
+            if n.attr(key) is not None and n.attr(key) not in seen:
+                raise VerifyError(f"{n.name}: {key}={n.attr(key)!r} names no node of the graph")
+        if n.op is Op.BLOCK:
+            missing = [p for p in BLOCK_PARTS if f"{n.name}.{p}" not in seen]
+            if missing:
+                raise VerifyError(f"{n.name}: a block needs its parts as nodes, missing {missing}")
     return graph

@@ -13,6 +13,7 @@ from dskc.ir.graph import Graph, Node, Op, verify
 class Options:
     quantize_weights: bool = False   # quantise bf16 linear weights to FP8 128x128 blocks ahead of time
     absorb_mla: bool = True          # rewrite naive MLA to the absorbed form (precomputed absorbed weights)
+    fuse_block_norms: bool = True    # fuse a block's attn_norm / ffn_norm (+ residual add) into the FP8 act_quant
 
 
 def absorb_mla(g: Graph, opt: Options) -> Graph:
@@ -40,13 +41,66 @@ def quantize_weights(g: Graph, opt: Options) -> Graph:
 
 def fuse_norm_quant(g: Graph, opt: Options) -> Graph:
     """RMSNorm feeding a single FP8 linear: normalise and quantise (1x128 e4m3) in one kernel. Today's site: the
-    query path's q_norm -> wq_b inside MLA (attn_norm / ffn_norm feed several consumers and stay separate)."""
+    query path's q_norm -> wq_b inside MLA (a block's attn_norm / ffn_norm: see fuse_block_norms)."""
     names = {n.name: n for n in g.nodes}
     for mla in g.by_op(Op.MLA):
         norm, lin = names.get(f"{mla.name}.q_norm"), names.get(f"{mla.name}.wq_b")
         if norm is not None and lin is not None and norm.op is Op.RMSNORM and lin.op is Op.FP8_LINEAR:
             g = g.replace(norm, norm.with_attrs(fused_into=lin.name, epilogue="act_quant"))
             g = g.replace(lin, lin.with_attrs(prologue="rmsnorm_act_quant"))
+    return g
+
+
+def _attn_inputs(names: dict, attn: Node) -> list:
+    """MLA's projections of the normed block input: wq_a (or wq when q_lora_rank == 0) and wkv_a."""
+    first = names.get(f"{attn.name}.wq_a") or names.get(f"{attn.name}.wq")
+    return [first, names.get(f"{attn.name}.wkv_a")]
+
+
+def _fuse_attn_norm(g: Graph, block: Node) -> Graph:
+    names = {n.name: n for n in g.nodes}
+    norm, attn = names[f"{block.name}.attn_norm"], names[f"{block.name}.attn"]
+    projs = _attn_inputs(names, attn)
+    if attn.op is not Op.MLA or any(p is None or p.op is not Op.FP8_LINEAR for p in projs):
+        return g
+    widths = tuple(p.shape[0] for p in projs)
+    # [wq_a; wkv_a] stack into one weight when every part but the last ends on a whole 128-row scale block
+    gemm_n = (sum(widths),) if all(w % 128 == 0 for w in widths[:-1]) else widths
+    g = g.replace(norm, norm.with_attrs(fused_into=block.name, epilogue="act_quant"))
+    for p in projs:
+        g = g.replace(p, p.with_attrs(fused_into=block.name))
+    return g.replace(block, block.with_attrs(attn_norm="rmsnorm_act_quant", attn_gemm_n=gemm_n,
+                                             attn_inputs="+".join(p.name.rpartition(".")[2] for p in projs)))
+
+
+def _fuse_ffn_norm(g: Graph, block: Node) -> Graph:
+    names = {n.name: n for n in g.nodes}
+    norm, ffn = names[f"{block.name}.ffn_norm"], names[f"{block.name}.ffn"]
+    if ffn.op is not Op.MLP or ffn.dtype != "fp8":
+        return g
+    g = g.replace(norm, norm.with_attrs(fused_into=ffn.name, epilogue="act_quant", residual="add"))
+    g = g.replace(ffn, ffn.with_attrs(prologue="add_rmsnorm_act_quant"))
+    return g.replace(block, block.with_attrs(ffn_norm="add_rmsnorm_act_quant"))
+
+
+def fuse_block_norms(g: Graph, opt: Options) -> Graph:
+    """A transformer block's pre-norms, fused with the 1x128 e4m3 quantisation their FP8 consumers need.
+
+    attn_norm (when MLA's wq_a / wq and wkv_a are FP8): one rmsnorm_act_quant feeds both projections, run as one
+    FP8 GEMM over the stacked [wq_a; wkv_a] (block scales stack along N when wq_a's width is a multiple of 128; else
+    two GEMMs on the same (q, s)). The projections are marked fused_into the block, which lists their kernels.
+    ffn_norm (when the ffn is an FP8 dense MLP): the residual add of the attention output, the norm and the
+    quantisation run as one rmsnorm_act_quant(..., residual=x) feeding the MLP's [w1|w3] GEMM.
+    MoE blocks keep ffn_norm unfused: the gate (routing scores) and fused_moe (which quantises its input itself)
+    need the un-quantised normed x, which rmsnorm_act_quant never writes. Serving them would take a kernel variant
+    that also writes the bf16 normed x and a fused_moe entry taking (q, s) beside it; until then a fused act_quant
+    there would be an extra pass, not one saved. Non-FP8 consumers keep both norms as they are.
+    """
+    if not opt.fuse_block_norms:
+        return g
+    for name in [b.name for b in g.by_op(Op.BLOCK)]:
+        g = _fuse_attn_norm(g, next(n for n in g.nodes if n.name == name))
+        g = _fuse_ffn_norm(g, next(n for n in g.nodes if n.name == name))
     return g
 
 
@@ -72,6 +126,7 @@ PASSES: tuple[tuple[str, Callable[[Graph, Options], Graph]], ...] = (
     ("absorb_mla", absorb_mla),
     ("quantize_weights", quantize_weights),
     ("fuse_norm_quant", fuse_norm_quant),
+    ("fuse_block_norms", fuse_block_norms),
     ("fuse_moe_epilogues", fuse_moe_epilogues),
     ("fuse_rope_cache_write", fuse_rope_cache_write),
 )

@@ -42,35 +42,49 @@ class KernelMLA(nn.Module):
                                                          device=wkv_b.device).view(max_batch, pages),
                              persistent=False)
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
+    def input_projections(self) -> tuple:
+        """The projections of the block input x: (wq_a, wkv_a), or (wq, wkv_a) when q_lora_rank == 0."""
+        return (self.wq if self.q_lora_rank == 0 else self.wq_a), self.wkv_a
+
+    def _query(self, qa: torch.Tensor) -> torch.Tensor:
+        """The query from the first projection's output: wq's is the query; wq_a's goes through q_norm -> wq_b."""
         if self.q_lora_rank == 0:
-            return self.wq(x)
-        h = self.wq_a(x)
+            return qa
         if getattr(self.wq_b, "fp8", False) and self.wq_b.node.attr("prologue") == "rmsnorm_act_quant":
             # q_norm fused with the 1x128 quantisation that wq_b's FP8 GEMM needs: one kernel, no bf16 round trip
-            h2 = h.reshape(-1, h.shape[-1]).contiguous()
+            h2 = qa.reshape(-1, qa.shape[-1])
             q8, s8 = ops.rmsnorm_act_quant(h2, self.q_norm.weight.to(h2.dtype), self.q_norm.eps)
-            q = ops.fp8_gemm(q8, s8, self.wq_b.weight, self.wq_b.scale, out_dtype=x.dtype)
-            return q.view(*x.shape[:-1], q.shape[-1])
-        return self.wq_b(self.q_norm(h))
+            q = ops.fp8_gemm(q8, s8, self.wq_b.weight, self.wq_b.scale, out_dtype=qa.dtype)
+            return q.view(*qa.shape[:-1], q.shape[-1])
+        return self.wq_b(self.q_norm(qa))
 
     def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask=None) -> torch.Tensor:
-        bsz, seqlen, _ = x.shape
+        first, wkv_a = self.input_projections()
+        return self.attend_projected(first(x), wkv_a(x), start_pos, rope)
+
+    def attend_projected(self, qa: torch.Tensor, kv_a: torch.Tensor, start_pos: int, rope: torch.Tensor):
+        """The attention after its input projections, for a caller that computed them itself (dskc.runtime.block
+        runs both as one GEMM): qa = wq_a(x) (or wq(x)) [bsz, seqlen, N], kv_a = wkv_a(x) [bsz, seqlen, 576], in x's
+        dtype; last dims may be strided views. Returns wo's output [bsz, seqlen, dim] in that dtype."""
+        if kv_a.dim() != 3 or qa.shape[:2] != kv_a.shape[:2] or kv_a.shape[-1] != self.c + self.rope_dim:
+            raise ValueError(f"{self.node.name}: attend_projected takes qa [bsz, seqlen, N] and kv_a [bsz, seqlen, "
+                             f"{self.c + self.rope_dim}], got {tuple(qa.shape)} and {tuple(kv_a.shape)}")
+        bsz, seqlen, _ = kv_a.shape
         t = bsz * seqlen
-        q = self._query(x)
+        q = self._query(qa)
         q = q.reshape(t, self.heads, self.nope + self.rope_dim).to(self.kdtype)
-        kv_a = self.wkv_a(x).reshape(t, self.c + self.rope_dim).to(self.kdtype).contiguous()
-        dev = x.device
+        kv_a_c = kv_a.reshape(t, self.c + self.rope_dim).to(self.kdtype).contiguous()
+        dev = kv_a.device
         local = torch.arange(seqlen, dtype=torch.int32, device=dev)
         seq_ids = torch.arange(bsz, dtype=torch.int32, device=dev).repeat_interleave(seqlen)
         slots = ops.paged_slots(self.block_table, seq_ids, (local + start_pos).repeat(bsz), PAGE)
         q_pe = q[..., self.nope:]
-        ops.rope_norm_cache_write(kv_a, self.kv_norm_weight, rope.float(), local.repeat(bsz), q_pe=q_pe, eps=self.eps,
-                                  kv_cache=self.cache, slots=slots)
+        ops.rope_norm_cache_write(kv_a_c, self.kv_norm_weight, rope.float(), local.repeat(bsz), q_pe=q_pe,
+                                  eps=self.eps, kv_cache=self.cache, slots=slots)
         q_lat = torch.einsum("thd,hdc->thc", q[..., :self.nope], self.w_uk)
         qq = torch.cat([q_lat, q_pe], dim=-1).view(bsz, seqlen, self.heads, self.c + self.rope_dim)
         seqlens = torch.full((bsz,), start_pos + seqlen, dtype=torch.int32, device=dev)
         out, _ = ops.mla_decode(qq.contiguous(), self.cache, self.block_table[:bsz], seqlens, self.softmax_scale,
                                 causal=seqlen > 1)
         o = torch.einsum("bshc,hdc->bshd", out, self.w_uv)
-        return self.wo(o.flatten(2).to(x.dtype))
+        return self.wo(o.flatten(2).to(kv_a.dtype))

@@ -105,13 +105,20 @@ class KernelMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        h = self.up(x.reshape(-1, shape[-1]))
         if self.fp8:
-            q, s = ops.silu_mul_act_quant(h.contiguous())
-            y = ops.fp8_gemm(q, s, self.down.weight, self.down.scale, out_dtype=x.dtype)
-        else:
-            y = self.down(F.silu(h[:, :self.inter]) * h[:, self.inter:])
-        return y.view(shape)
+            q, s = ops.act_quant(x.reshape(-1, shape[-1]).contiguous())
+            return self.from_quantized(q, s, x.dtype).view(shape)
+        h = self.up(x.reshape(-1, shape[-1]))
+        return self.down(F.silu(h[:, :self.inter]) * h[:, self.inter:]).view(shape)
+
+    def from_quantized(self, q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The FP8 MLP from its input already quantised 1x128 (q [M, dim] e4m3, s [M, dim/128] fp32), e.g. by a
+        fused norm (dskc.runtime.block): [w1|w3] GEMM, SwiGLU + quant, w2 GEMM -> [M, dim] of out_dtype."""
+        if not self.fp8:
+            raise ValueError(f"{self.node.name}: from_quantized needs an FP8 MLP")
+        h = ops.fp8_gemm(q, s, self.up.weight, self.up.scale, out_dtype=self.up.out_dtype or out_dtype)
+        q2, s2 = ops.silu_mul_act_quant(h)
+        return ops.fp8_gemm(q2, s2, self.down.weight, self.down.scale, out_dtype=out_dtype)
 
 
 class KernelMoE(nn.Module):

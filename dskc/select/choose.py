@@ -59,6 +59,17 @@ def _moe(n: Node, m: int) -> list[tuple[str, dict]]:
                               "epilogue": "weight"})]
 
 
+def _block(n: Node, m: int) -> list[tuple[str, dict]]:
+    """What a block runs itself once fuse_block_norms fused its attn_norm: the norm + act_quant (the rmsnorm kernel
+    of the act_quant stem) and the GEMM(s) of MLA's input projections (fused_into the block, so not listed there).
+    A fused ffn_norm's kernel is the MLP's act_quant, listed with the MLP (as q_norm's is with wq_b)."""
+    if not n.attr("attn_norm"):
+        return []
+    dim = n.shape[1]
+    return [("act_quant", {"M": m, "K": dim})] + [("fp8_gemm_1d2d", {"M": m, "N": w, "K": dim})
+                                                  for w in n.attr("attn_gemm_n")]
+
+
 def _mla(n: Node, m: int) -> list[tuple[str, dict]]:
     h = n.attr("heads")
     # decode (one query per sequence) and prefill (the runtime runs a prompt as causal s_q > 1 over the cache)
@@ -67,7 +78,8 @@ def _mla(n: Node, m: int) -> list[tuple[str, dict]]:
             ("mla_decode", {"batch": 1, "s_q": m, "h_q": h, "seqlen": 4096, "page_size": 64, "kv_fp8": 0})]
 
 
-CANDIDATES = {Op.LINEAR: _linear, Op.FP8_LINEAR: _linear, Op.MLP: _mlp, Op.MOE: _moe, Op.MLA: _mla}
+CANDIDATES = {Op.LINEAR: _linear, Op.FP8_LINEAR: _linear, Op.MLP: _mlp, Op.MOE: _moe, Op.MLA: _mla,
+              Op.BLOCK: _block}
 # regions whose runtime module can launch a CUTLASS GEMM (dskc.runtime.modules.KernelLinear); the MLP and MoE
 # modules fuse epilogues into their Triton kernels and have no CUTLASS path yet
 RUNTIME_CUTLASS = frozenset({Op.LINEAR, Op.FP8_LINEAR})
@@ -82,7 +94,7 @@ def choose(node: Node, arch: Arch, m_hint: int = 64, runs_on: str = "gpu") -> li
     from dskc.templates import registry
 
     make = CANDIDATES.get(node.op)
-    if make is None:
+    if make is None or node.attr("fused_into"):   # a fused node runs inside the kernels of the node it names
         return []
     out = []
     for stem, problem in make(node, m_hint):

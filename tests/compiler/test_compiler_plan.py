@@ -63,7 +63,8 @@ def test_every_region_gets_a_kernel(name):
     served = {c.region for c in p.choices}
     for n in p.graph.nodes:
         if n.op in LOWERED and not n.attr("absorbed_into"):
-            assert n.name in served, n.name
+            # a node fused into another (tiny's wq_a / wkv_a into its block's GEMM) runs in that node's kernels
+            assert (n.attr("fused_into") or n.name) in served, n.name
     assert all(c.source.startswith(("default:sm90", "tuned:")) for c in p.choices)
 
 

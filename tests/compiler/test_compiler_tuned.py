@@ -10,7 +10,7 @@ from dskc.model import Transformer, get_config
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("tuned")
     tiny = get_config("tiny")
-    problem = {"M": 64, "N": tiny.q_lora_rank, "K": tiny.dim}     # tiny's wq_a at the selection's token hint
+    problem = {"M": 64, "N": tiny.dim, "K": tiny.n_heads * tiny.v_head_dim}   # tiny's wo at the selection's hint
     task = Task("fp8_gemm_1d2d", problem, "sm90a", f"sqlite:///{root / 'optuna.db'}", n_trials=6, seed=0)
     with knobs.scope(cache_dir=knobs.get().cache_dir):
         run(task)
@@ -25,8 +25,8 @@ def test_compiler_uses_the_export_and_explain_says_so(exported):
     default = compiler.plan(model, "sm90a")
     with knobs.scope(tuned_dir=root):
         tuned = compiler.plan(model, "sm90a")
-    wq_a = [c for c in tuned.choices if c.region == "layers.0.attn.wq_a" and c.stem == "fp8_gemm_1d2d"][0]
-    assert wq_a.source == f"tuned:{paths[0]}"
+    wo = [c for c in tuned.choices if c.region == "layers.0.attn.wo" and c.stem == "fp8_gemm_1d2d"][0]
+    assert wo.source == f"tuned:{paths[0]}"
     # other stems (no export) keep their defaults; the explain table names the source of every config
     assert all(c.source == "default:sm90" for c in tuned.choices if c.stem != "fp8_gemm_1d2d")
     from dskc.explain import kernel_table

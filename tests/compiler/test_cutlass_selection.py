@@ -13,7 +13,8 @@ from dskc.select import backends
 from dskc.select.choose import RUNTIME_CUTLASS
 from dskc.templates.cutlass.spaces import VERIFIED
 
-WQ_A = {"M": 64, "N": 128, "K": 256}          # tiny's attn.wq_a at the selection's token hint (m_hint 64)
+WO = {"M": 64, "N": 256, "K": 256}            # tiny's attn.wo at the selection's token hint (m_hint 64); wq_a and
+                                              # wkv_a run as one GEMM of the block (fuse_block_norms)
 CFG = dict(VERIFIED["sm90_fp8_gemm_1d2d"][0])
 
 
@@ -27,7 +28,7 @@ def _toolchain():
     return {"triton": triton.__version__, "cuda": torch.version.cuda}
 
 
-def entry(op="fp8_gemm_1d2d", problem=WQ_A, backend="cutlass", stem="sm90_fp8_gemm_1d2d", config=CFG,
+def entry(op="fp8_gemm_1d2d", problem=WO, backend="cutlass", stem="sm90_fp8_gemm_1d2d", config=CFG,
           triton_us=40.0, cutlass_us=30.0, mode="cuda-graph", toolchain=None):
     return {"op": op, "bucket": backends.bucket(problem), "backend": backend, "stem": stem, "config": dict(config),
             "triton_us": triton_us, "cutlass_us": cutlass_us, "timing_mode": mode,
@@ -71,14 +72,14 @@ def test_gpu_timed_decision_switches_the_bucket_to_cutlass(model, tmp_path):
     path = write(tmp_path, entry())
     p = plan_with(tmp_path, model)
     picked = [c for c in p.choices if c.backend == "cutlass"]
-    assert {c.region for c in picked} == {f"layers.{i}.attn.wq_a" for i in range(3)}
+    assert {c.region for c in picked} == {f"layers.{i}.attn.wo" for i in range(3)}
     c = picked[0]
     assert c.stem == "sm90_fp8_gemm_1d2d" and dict(c.config) == CFG and c.source == f"measured:{path}"
-    assert c.triton[0] == "fp8_gemm_1d2d" and c.triton[2] == "default:sm90" and dict(c.problem) == WQ_A
+    assert c.triton[0] == "fp8_gemm_1d2d" and c.triton[2] == "default:sm90" and dict(c.problem) == WO
     assert "cutlass 1.33x faster" in c.why and "cuda-graph" in c.why
     # the act_quant of the region and every other GEMM bucket stay on Triton
     assert all(x.backend == "triton" for x in p.choices if x.region == c.region and x is not c)
-    assert all(x.backend == "triton" for x in p.choices if "wq_a" not in x.region)
+    assert all(x.backend == "triton" for x in p.choices if not x.region.endswith(".wo"))
     assert "cutlass: measured: cutlass 1.33x faster" in kernel_table(p)
     # the bucket rounds M up to a power of two: 40 tokens share the 64 bucket, 65 do not
     assert any(x.backend == "cutlass" for x in plan_with(tmp_path, model, m_hint=40).choices)
@@ -96,8 +97,8 @@ def test_decisions_that_keep_triton(model, tmp_path, caplog, changes, why):
     with caplog.at_level(logging.WARNING, logger="dskc.select"):
         p = plan_with(tmp_path, model)
     assert all(c.backend == "triton" for c in p.choices)
-    wq_a = [c for c in by_region(p, "layers.0.attn.wq_a") if c.stem == "fp8_gemm_1d2d"][0]
-    assert why in wq_a.why, wq_a.why
+    wo = [c for c in by_region(p, "layers.0.attn.wo") if c.stem == "fp8_gemm_1d2d"][0]
+    assert why in wo.why, wo.why
     assert why in kernel_table(p)
 
 
@@ -130,8 +131,8 @@ def test_cpu_runtime_never_picks_cutlass(model, tmp_path):
     write(tmp_path, entry())
     p = plan_with(tmp_path, model, runs_on="cpu")
     assert all(c.backend == "triton" for c in p.choices)
-    wq_a = [c for c in by_region(p, "layers.0.attn.wq_a") if c.stem == "fp8_gemm_1d2d"][0]
-    assert "CPU runtime (interpreter) cannot run CUTLASS" in wq_a.why
+    wo = [c for c in by_region(p, "layers.0.attn.wo") if c.stem == "fp8_gemm_1d2d"][0]
+    assert "CPU runtime (interpreter) cannot run CUTLASS" in wo.why
     with pytest.raises(ValueError, match="runs_on"):
         plan_with(tmp_path, model, runs_on="tpu")
 
@@ -162,10 +163,10 @@ def test_cutlass_build_failure_goes_back_to_triton(model, tmp_path, monkeypatch)
     monkeypatch.setattr(cutlass, "build", failing)
     monkeypatch.setattr(compiler, "compile_kernels", lambda specs, arch: [])   # Triton builds are not under test
     compiler.build(p, progress=False)
-    assert calls == [("sm90_fp8_gemm_1d2d", WQ_A)]                   # one build for the three wq_a regions
-    wq_a = [c for c in by_region(p, "layers.0.attn.wq_a") if c.stem == "fp8_gemm_1d2d"]
-    assert len(wq_a) == 1 and wq_a[0].backend == "triton" and "failed to build (nvcc)" in wq_a[0].why
-    assert wq_a[0].source == "default:sm90" and wq_a[0].triton == () and not p.libraries
+    assert calls == [("sm90_fp8_gemm_1d2d", WO)]                     # one build for the three wo regions
+    wo = [c for c in by_region(p, "layers.0.attn.wo") if c.stem == "fp8_gemm_1d2d"]
+    assert len(wo) == 1 and wo[0].backend == "triton" and "failed to build (nvcc)" in wo[0].why
+    assert wo[0].source == "default:sm90" and wo[0].triton == () and not p.libraries
     assert all(c.backend == "triton" for c in p.choices)
 
 
@@ -180,9 +181,9 @@ def test_cutlass_build_is_kept_for_the_runtime_and_explained(model, tmp_path, mo
     monkeypatch.setattr(compiler, "compile_kernels", lambda specs, arch: [])
     compiler.build(p, progress=False)
     assert list(p.libraries.values()) == [fake]
-    assert compiler._cutlass_build(p, "layers.1.attn.wq_a") is fake
-    assert compiler._cutlass_build(p, "layers.1.attn.wo") is None
-    row = [line for line in kernel_table(p).splitlines() if line.startswith("layers.0.attn.wq_a ")
+    assert compiler._cutlass_build(p, "layers.1.attn.wo") is fake
+    assert compiler._cutlass_build(p, "layers.1.attn.wq_b") is None
+    row = [line for line in kernel_table(p).splitlines() if line.startswith("layers.0.attn.wo ")
            and "sm90_fp8_gemm_1d2d" in line]
     assert len(row) == 1 and "167reg/0spill/QGMMA" in row[0] and "cutlass: measured" in row[0]
 
