@@ -156,13 +156,36 @@ class CompiledModel(nn.Module):
         return render(self.plan)
 
 
+def _attach_decode_graphs(module: nn.Module) -> None:
+    """On a GPU, decode steps of a Transformer-like compiled module replay CUDA graphs (dskc.runtime.graphs); the
+    module keeps its type and call signature (its forward sends decode steps to the graphs, the rest as before)."""
+    from dskc.runtime.graphs import DecodeGraphs
+
+    args = getattr(module, "args", None)
+    try:
+        runner = DecodeGraphs(module, args.max_batch_size, args.max_seq_len)
+    except (ValueError, AttributeError) as exc:
+        log.info("dskc: decode steps run without CUDA graphs: %s", exc)
+        return
+    plain = module.forward
+
+    def forward(tokens, start_pos=0):
+        if hasattr(module, "_check_input"):
+            module._check_input(tokens, start_pos)
+        out = runner(tokens, start_pos)
+        return plain(tokens, start_pos) if out is None else out
+
+    module.forward, module.decode_graphs = forward, runner
+
+
 def compile(model: nn.Module, target="auto", *, options: Options = Options(), build_kernels: bool = True,
-            inplace: bool = False, progress: bool = True) -> CompiledModel:
+            inplace: bool = False, progress: bool = True, cuda_graphs: bool = True) -> CompiledModel:
     """Compile `model` for `target` ("sm90a" | "sm100a" | "sm80" | "auto" = this GPU).
 
     Without a GPU, target "auto" means sm90a for the build, and the generated kernels run through Triton's
     interpreter on the CPU (set TRITON_INTERPRET=1 before importing dskc). The original model is not modified
     unless inplace=True. Regions dskc cannot serve stay eager and are listed with the reason in `explain()`.
+    cuda_graphs: on a GPU, replay decode steps (one token per sequence) from CUDA graphs, one per batch size.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dskc.compile takes an nn.Module, got {type(model).__name__}")
@@ -193,6 +216,8 @@ def compile(model: nn.Module, target="auto", *, options: Options = Options(), bu
             _set_module(module, node.name, new)
     for region, reason in p.fallbacks:
         log.warning("dskc: fallback for %s: %s", region, reason)
+    if cuda_graphs and torch.cuda.is_available():
+        _attach_decode_graphs(module)
     return CompiledModel(module, p)
 
 

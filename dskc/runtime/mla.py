@@ -75,15 +75,24 @@ class KernelMLA(nn.Module):
         q = q.reshape(t, self.heads, self.nope + self.rope_dim).to(self.kdtype)
         kv_a_c = kv_a.reshape(t, self.c + self.rope_dim).to(self.kdtype).contiguous()
         dev = kv_a.device
-        local = torch.arange(seqlen, dtype=torch.int32, device=dev)
         seq_ids = torch.arange(bsz, dtype=torch.int32, device=dev).repeat_interleave(seqlen)
-        slots = ops.paged_slots(self.block_table, seq_ids, (local + start_pos).repeat(bsz), PAGE)
+        if isinstance(start_pos, torch.Tensor):
+            # one decode token per sequence at device positions (dskc.runtime.graphs): no host value is read, so
+            # the step can be captured in a CUDA graph; `rope` is then the whole table, indexed by position
+            if seqlen != 1 or start_pos.dtype != torch.int32 or tuple(start_pos.shape) != (bsz,):
+                raise ValueError(f"{self.node.name}: device positions need one token per sequence and int32 "
+                                 f"[{bsz}] positions, got seqlen {seqlen}, {start_pos.dtype} {tuple(start_pos.shape)}")
+            positions, rope_rows, seqlens = start_pos, start_pos, start_pos + 1
+        else:
+            local = torch.arange(seqlen, dtype=torch.int32, device=dev)
+            positions, rope_rows = (local + start_pos).repeat(bsz), local.repeat(bsz)
+            seqlens = torch.full((bsz,), start_pos + seqlen, dtype=torch.int32, device=dev)
+        slots = ops.paged_slots(self.block_table, seq_ids, positions, PAGE)
         q_pe = q[..., self.nope:]
-        ops.rope_norm_cache_write(kv_a_c, self.kv_norm_weight, rope.float(), local.repeat(bsz), q_pe=q_pe,
+        ops.rope_norm_cache_write(kv_a_c, self.kv_norm_weight, rope.float(), rope_rows, q_pe=q_pe,
                                   eps=self.eps, kv_cache=self.cache, slots=slots)
         q_lat = torch.einsum("thd,hdc->thc", q[..., :self.nope], self.w_uk)
         qq = torch.cat([q_lat, q_pe], dim=-1).view(bsz, seqlen, self.heads, self.c + self.rope_dim)
-        seqlens = torch.full((bsz,), start_pos + seqlen, dtype=torch.int32, device=dev)
         out, _ = ops.mla_decode(qq.contiguous(), self.cache, self.block_table[:bsz], seqlens, self.softmax_scale,
                                 causal=seqlen > 1)
         o = torch.einsum("bshc,hdc->bshd", out, self.w_uv)

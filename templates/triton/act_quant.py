@@ -158,7 +158,7 @@ def silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, M, I, stride_gm, stride_qm, stri
 
 
 def compile_specs(problem: dict, config: dict, dtype: str = "bf16") -> list[CompileSpec]:
-    """The three kernels (plain, RMSNorm(+residual), SiLU-and-mul) for `dtype` activations."""
+    """The kernels (plain, RMSNorm with and without the residual add, SiLU-and-mul) for `dtype` activations."""
     q = "*u8"
     act = f"*{dtype}"
     common = {"BLOCK_M": config["BLOCK_M"], "UE8M0": 0}
@@ -173,6 +173,7 @@ def compile_specs(problem: dict, config: dict, dtype: str = "bf16") -> list[Comp
             "stride_gm": "i32", "stride_qm": "i32", "stride_sm": "i32", **const}
     return [CompileSpec.make(__name__, "act_quant_kernel", plain, common, **opts),
             CompileSpec.make(__name__, "rmsnorm_quant_kernel", norm, {**common, "HAS_RES": 1}, **opts),
+            CompileSpec.make(__name__, "rmsnorm_quant_kernel", norm, {**common, "HAS_RES": 0}, **opts),
             CompileSpec.make(__name__, "silu_mul_quant_kernel", silu, common, **opts)]
 
 

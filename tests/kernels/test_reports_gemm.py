@@ -41,7 +41,8 @@ def test_splitk_and_small_tiles_compile_without_spills():
 def test_act_quant_kernels_compile_without_spills(arch):
     reports = kernel_report("act_quant", {"M": 4096, "K": 7168}, arch)
     assert [r.name.split("[")[0] for r in reports] == ["act_quant_kernel", "rmsnorm_quant_kernel",
-                                                       "silu_mul_quant_kernel"]
+                                                       "rmsnorm_quant_kernel", "silu_mul_quant_kernel"]
+    assert {"HAS_RES=0", "HAS_RES=1"} <= {part for r in reports for part in r.name.replace("[", ",").split(",")}
     for r in reports:
         assert not r.spills and r.stack_bytes == 0, r
 
