@@ -13,15 +13,20 @@ from dskc.benchmark.common import (DEEPGEMM_DENSE, DEEPGEMM_SRC, E4M3, H800, Ctx
 
 def layer_linears(name: str) -> list[tuple[str, int, int]]:
     """(linear, N, K) of one decoder layer of the named config: attention projections, the dense MLP and the
-    shared experts (world size 1)."""
+    shared experts (world size 1). With FP8 weights and a 128-multiple q_lora_rank the compiled block runs wq_a and
+    wkv_a as one GEMM over the stacked weights (dskc.runtime.block), so that is the row; otherwise each alone."""
     from dskc.model import get_config
 
     a = get_config(name)
-    qk, h = a.qk_nope_head_dim + a.qk_rope_head_dim, a.n_heads
-    rows = [("wq_a", a.q_lora_rank, a.dim), ("wq_b", h * qk, a.q_lora_rank)] if a.q_lora_rank else \
-        [("wq", h * qk, a.dim)]
-    rows += [("wkv_a", a.kv_lora_rank + a.qk_rope_head_dim, a.dim),
-             ("wkv_b", h * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank), ("wo", a.dim, h * a.v_head_dim),
+    qk, h, kv_a = a.qk_nope_head_dim + a.qk_rope_head_dim, a.n_heads, a.kv_lora_rank + a.qk_rope_head_dim
+    if a.q_lora_rank and a.dtype == "fp8" and a.q_lora_rank % 128 == 0:
+        rows = [("wq_a|wkv_a", a.q_lora_rank + kv_a, a.dim)]
+    elif a.q_lora_rank:
+        rows = [("wq_a", a.q_lora_rank, a.dim), ("wkv_a", kv_a, a.dim)]
+    else:
+        rows = [("wq", h * qk, a.dim), ("wkv_a", kv_a, a.dim)]
+    rows += [("wq_b", h * qk, a.q_lora_rank)] if a.q_lora_rank else []
+    rows += [("wkv_b", h * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank), ("wo", a.dim, h * a.v_head_dim),
              ("mlp.w1", a.inter_dim, a.dim), ("mlp.w2", a.dim, a.inter_dim),
              ("shared.w1", a.n_shared_experts * a.moe_inter_dim, a.dim),
              ("shared.w2", a.dim, a.n_shared_experts * a.moe_inter_dim)]
