@@ -72,11 +72,12 @@ def _demo(args) -> int:
     if args.no_compile:
         return 0
     from dskc import compiler
-    from dskc.explain import grouped_table
+    from dskc.explain import capture_line, grouped_table
 
     print(f"\n[2] dskc.compile(model, target={args.target!r}): kernels built for {args.target}, run "
           f"{'natively' if torch.cuda.is_available() else 'through the Triton interpreter on the CPU'}")
-    compiled = compiler.compile(models["absorb"], args.target)
+    compiled = compiler.compile(models["absorb"], args.target, capture=args.capture)
+    print("regions from", capture_line(compiled.plan.capture))
     print(grouped_table(compiled.plan))
     print(f"fallbacks: {compiled.plan.fallbacks or 'none'}")
     rel = _agreement_with_eager(cfg, models["absorb"], compiled, prompts[0], args.seed)
@@ -105,7 +106,7 @@ def _plan(args, build: bool):
     cfg = _model_args(args.model)
     model = Transformer(cfg, device="meta")     # shapes only: nothing is allocated, no GPU needed
     t0 = time.perf_counter()
-    p = compiler.plan(model, args.target)
+    p = compiler.plan(model, args.target, capture=args.capture)
     if build:
         compiler.build(p)
     return cfg, p, time.perf_counter() - t0
@@ -201,6 +202,10 @@ def _tune(args, rest) -> int:
     return tune_main(rest)
 
 
+CAPTURE_HELP = ("how regions are found: module = by structure in the module tree (fast); dynamo = from Dynamo's FX "
+                "graphs of a prefill and a decode step (fullgraph; ~10 s for tiny, minutes for deepseek-v2-lite)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dskc", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -211,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--target", default="sm90a", help="arch the kernels are built for (sm90a, sm100a, sm80)")
     d.add_argument("--no-compile", action="store_true", help="only the eager part")
+    d.add_argument("--capture", choices=("module", "dynamo"), default="dynamo", help=CAPTURE_HELP)
     r = sub.add_parser("report", help="cross-compile a kernel stem and print registers/shared/spills/tensor cores")
     r.add_argument("stem")
     r.add_argument("--problem", required=True, help='JSON, e.g. \'{"M": 128, "N": 4096, "K": 7168}\'')
@@ -220,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="a named config (tiny, deepseek-v2-lite, ...) or a config .json")
     c.add_argument("--target", required=True, help="sm90a | sm100a | sm80")
     c.add_argument("--out", required=True, help="output directory (cubins + manifest.json)")
+    c.add_argument("--capture", choices=("module", "dynamo"), default="module", help=CAPTURE_HELP)
     u = sub.add_parser("run", help="generate on the generated kernels (compiled now, or loaded from --from DIR)")
     u.add_argument("--model", default=None, help="a named config or a config .json (default tiny)")
     u.add_argument("--from", dest="from_dir", help="a `dskc compile --out` directory: its kernels and model config")
@@ -234,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", default="sm90a")
     e.add_argument("--no-build", action="store_true", help="skip cross-compiling (no register/spill columns)")
     e.add_argument("--table-only", action="store_true", help="only the kernel table and fallbacks")
+    e.add_argument("--capture", choices=("module", "dynamo"), default="module", help=CAPTURE_HELP)
     sub.add_parser("tune", help="autotune kernels with Optuna (see `dskc tune --help`)", add_help=False)
     sub.add_parser("bench", help="benchmark suites to JSON + plots (see `dskc bench --help`)", add_help=False)
     return p

@@ -1,7 +1,8 @@
 """`dskc.compile`: a model in, the same model running on generated kernels for a chosen GPU out.
 
-capture (regions from the module tree; Dynamo graph check) -> ir -> lower (named passes) -> select (kernel and
-config per node) -> build (cross-compile for the target, content-addressed cache) -> runtime (kernel modules).
+capture (regions by structure from the module tree, or from Dynamo's FX graphs) -> ir -> lower (named passes) ->
+select (kernel and config per node) -> build (cross-compile for the target, content-addressed cache) -> runtime
+(kernel modules; decode steps on CUDA graphs on a GPU).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import copy
 import dataclasses
 import logging
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -32,17 +34,46 @@ class Plan:
     choices: list                     # Choice per kernel of every lowered node
     fallbacks: list                   # (region, reason)
     reports: dict = dataclasses.field(default_factory=dict)   # (stem, problem, config) -> KernelReport | error
+    capture: dict = dataclasses.field(default_factory=dict)   # how the regions were found (see plan's capture)
     libraries: dict = dataclasses.field(default_factory=dict)  # (stem, problem, config) -> NvccBuild (CUTLASS)
 
 
+def _find(model: nn.Module, capture: str, example_inputs) -> tuple[Graph, dict]:
+    """The region graph and a summary of how it was found (capture "module" or "dynamo")."""
+    if capture == "module":
+        return find_regions(model), {"source": "module tree (regions by structure)"}
+    if capture != "dynamo":
+        raise ValueError(f"capture must be 'module' or 'dynamo', got {capture!r}")
+    from dskc.capture import dynamo
+
+    calls = example_inputs if example_inputs is not None else dynamo.transformer_calls(model)
+    t0 = time.perf_counter()
+    try:
+        cap = dynamo.trace(model, calls)
+    except torch._dynamo.exc.Unsupported as exc:   # dskc lowers whole graphs only
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"Dynamo cannot capture {type(model).__name__} whole (a graph break: {first}); find the "
+                         "regions by structure instead (capture='module')") from exc
+    graph, dropped = dynamo.regions_from_fx(model, cap)
+    return graph, {"source": "Dynamo FX graphs (fullgraph, dynamic)", "graphs": cap.n_graphs, "calls": cap.calls,
+                   "fx_nodes": [len(gm.graph.nodes) for gm in cap.graphs], "not_run": dropped,
+                   "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def plan(model: nn.Module, target="sm90a", options: Options = Options(), m_hint: int = 64,
-         runs_on: str = "gpu") -> Plan:
+         runs_on: str = "gpu", capture: str = "module", example_inputs=None) -> Plan:
     """Find, lower and select (no build, no weights touched: works on a model on the meta device).
 
-    runs_on: "gpu" (kernels for the target's GPU) or "cpu" (Triton's interpreter: CUTLASS is never selected)."""
+    runs_on: "gpu" (kernels for the target's GPU) or "cpu" (Triton's interpreter: CUTLASS is never selected).
+    capture: "module" finds the regions by structure in the module tree (fast); "dynamo" traces the forward with
+    Dynamo (fullgraph, dynamic; nothing runs, so a meta-device model works) and keeps the regions whose code the
+    FX graphs execute; a graph break is an error. example_inputs: the calls to trace, [(args, kwargs), ...]
+    (default for a dskc.model.Transformer: a 4-token prefill and a decode step). Tracing takes ~10 s for the
+    tiny model and minutes for deepseek-v2-lite (its MoE loops over 64 experts in every layer)."""
     arch = parse(target)
     dumps = []
-    graph = lower(find_regions(model), options, dump=lambda name, g: dumps.append((name, g)))
+    regions, how = _find(model, capture, example_inputs)
+    graph = lower(regions, options, dump=lambda name, g: dumps.append((name, g)))
     choices, fallbacks = [], []
     for node in graph.nodes:
         if node.op is Op.FALLBACK:
@@ -51,7 +82,7 @@ def plan(model: nn.Module, target="sm90a", options: Options = Options(), m_hint:
         if node.attr("absorbed_into"):
             continue
         choices.extend(choose(node, arch, m_hint, runs_on))
-    return Plan(arch, graph, dumps, choices, fallbacks)
+    return Plan(arch, graph, dumps, choices, fallbacks, capture=how)
 
 
 def build(p: Plan, progress: bool = True) -> Plan:
@@ -179,13 +210,15 @@ def _attach_decode_graphs(module: nn.Module) -> None:
 
 
 def compile(model: nn.Module, target="auto", *, options: Options = Options(), build_kernels: bool = True,
-            inplace: bool = False, progress: bool = True, cuda_graphs: bool = True) -> CompiledModel:
+            inplace: bool = False, progress: bool = True, cuda_graphs: bool = True, capture: str = "module",
+            example_inputs=None) -> CompiledModel:
     """Compile `model` for `target` ("sm90a" | "sm100a" | "sm80" | "auto" = this GPU).
 
     Without a GPU, target "auto" means sm90a for the build, and the generated kernels run through Triton's
     interpreter on the CPU (set TRITON_INTERPRET=1 before importing dskc). The original model is not modified
     unless inplace=True. Regions dskc cannot serve stay eager and are listed with the reason in `explain()`.
     cuda_graphs: on a GPU, replay decode steps (one token per sequence) from CUDA graphs, one per batch size.
+    capture / example_inputs: how regions are found, "module" (structure) or "dynamo" (FX graphs); see `plan`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dskc.compile takes an nn.Module, got {type(model).__name__}")
@@ -195,7 +228,10 @@ def compile(model: nn.Module, target="auto", *, options: Options = Options(), bu
                                "Python starts (./dev does); to only build for a GPU use `dskc compile --out DIR`")
         if target == "auto":
             target = "sm90a"
-    p = plan(model, target, options, runs_on="gpu" if torch.cuda.is_available() else "cpu")
+    if progress and capture == "dynamo":
+        print("[dskc] tracing the forward with Dynamo ...", file=sys.stderr, flush=True)
+    p = plan(model, target, options, runs_on="gpu" if torch.cuda.is_available() else "cpu", capture=capture,
+             example_inputs=example_inputs)
     if build_kernels:
         build(p, progress)
     else:

@@ -63,11 +63,22 @@ def _patterns(names) -> str:
     return ", ".join(f"{k} ({v})" for k, v in counts.items())
 
 
+def capture_line(c: dict) -> str:
+    """How the regions were found: the module tree, or Dynamo's graphs (count, FX nodes, regions never run)."""
+    if "graphs" not in c:
+        return c.get("source", "?")
+    not_run = ", ".join(c.get("not_run") or []) or "none"
+    return (f"{c['source']}: {c['graphs']} graphs from {c['calls']} calls, FX nodes {c['fx_nodes']}, "
+            f"traced in {c['seconds']} s; recognised regions never called: {not_run}")
+
+
 def render(plan, passes: bool = True) -> str:
     out = []
     if passes:
         for name, g in plan.dumps:
             out.append(f"== IR after {name}\n{g}")
+    if getattr(plan, "capture", None):
+        out.append("== capture\n" + capture_line(plan.capture))
     out.append("== kernels\n" + kernel_table(plan))
     out.append("== fallbacks\n" + ("\n".join(f"{r}: {why}" for r, why in plan.fallbacks) or "none"))
     return "\n\n".join(out)

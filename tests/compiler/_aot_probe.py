@@ -54,7 +54,8 @@ def main(out_dir):
             k = h(src, target=TARGET, options=options)
             row = {"function": launch["function"], "served": isinstance(k, CompiledKernel),
                    "name_ok": isinstance(k, CompiledKernel) and k.metadata.name == launch["function"],
-                   "cubin_ok": isinstance(k, CompiledKernel) and k.kernel == open(f"{out_dir}/{e['file']}", "rb").read()}
+                   "cubin_ok": isinstance(k, CompiledKernel)
+                   and k.kernel == open(f"{out_dir}/{e['file']}", "rb").read()}
             before = len(compiled_here)
             h(*_src(h.fn, launch, misalign=True)[:1], target=TARGET, options=_src(h.fn, launch)[1])
             row["misaligned_compiles"] = len(compiled_here) == before + 1
