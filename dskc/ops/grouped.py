@@ -1,0 +1,171 @@
+"""dskc.ops.grouped: the grouped GEMM of the MoE experts (stem grouped_gemm), FP8 1D2D or bf16 / fp16, contiguous
+(DeepGEMM's m_indices / per-block expert ids) or masked layout, with SwiGLU (+ FP8 quant) and routed-weight
+epilogues. Inputs are checked before any launch (ValueError / TypeError naming the problem); `dskc.ops.moe`
+re-exports these names.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from dskc import knobs
+from dskc.ops._moe_checks import FP8, _HALF, _config, _devices, _fail, _need_e4m3, _tensor
+from dskc.templates.triton import grouped_gemm as _gg
+
+__all__ = ["grouped_gemm", "grouped_gemm_contiguous", "grouped_gemm_masked"]
+
+
+def grouped_gemm(a, sa, b, sb, out, *, m_indices=None, block_expert=None, align=None, masked_m=None,
+                 epilogue: str = "none", out_scale=None, row_weight=None, b_up=None, sb_up=None, config=None):
+    """out[rows of expert e] = epilogue(A[rows] @ B[e]^T). FP8 1D2D when sa / sb are given, else bf16 / fp16.
+
+    a: [R, K] (contiguous) or [E, M_max, K] (masked); sa: [R, K/128] / [E, M_max, K/128] fp32 (fp8 only; any
+    strides, e.g. DeepGEMM's MN-major scales).
+    b: [E, N, K]; sb: [E, ceil(N/128), K/128] fp32. Exactly one expert map: m_indices [R] int32 (per row, -1 =
+    padding row, not written), block_expert [R/align] int32 (per align-row block; BLOCK_M must divide align) or
+    masked_m [E] int32 (rows per expert of the masked layout).
+    epilogue: "none"; "weight" (times row_weight [R] fp32); "swiglu" (b = [gate; up] stacked, N = 2 * N_out, or
+    gate in b and up in b_up / sb_up: out = silu(gate) * up); "swiglu_quant" (the same, out e4m3 with
+    out_scale [R, N_out/128] fp32; N_out % 128 == 0).
+    """
+    fp8, masked = _check_operands(a, sa, b, sb)
+    e, n, k = b.shape
+    rows = a.shape[0] * (a.shape[1] if masked else 1)
+    if epilogue not in _gg.EPILOGUES:
+        _fail(f"epilogue must be one of {sorted(_gg.EPILOGUES)}, got {epilogue!r}")
+    swiglu = epilogue.startswith("swiglu")
+    if swiglu and b_up is None:
+        if n % 2 or (fp8 and (n // 2) % 128):
+            _fail(f"a stacked [gate; up] weight needs an even N (a multiple of 256 for fp8), got N={n}")
+        n //= 2
+        b, b_up = b[:, :n], b[:, n:]
+        if fp8:
+            sb, sb_up = sb[:, :n // 128], sb[:, n // 128:]
+    elif swiglu:
+        _check_up(b, sb, b_up, sb_up, fp8)
+    _check_out(out, a, masked, rows, n, epilogue, fp8, out_scale, row_weight)
+    maps = [m for m in (m_indices, block_expert, masked_m) if m is not None]
+    if len(maps) != 1 or (masked != (masked_m is not None)):
+        _fail("give exactly one of m_indices / block_expert (2-D a) or masked_m (3-D a)")
+    problem = {"E": e, "M": rows, "N": n, "K": k, "dtype": "fp8" if fp8 else _DT[a.dtype],
+               "layout": "masked" if masked else "contiguous", "epilogue": epilogue}
+    cfg = _gemm_config(problem, config)
+    eid, per_id, m_max, n_mblocks = _expert_map(a, e, rows, m_indices, block_expert, align, masked_m, cfg)
+    _devices(a=a, sa=sa, b=b, sb=sb, out=out, out_scale=out_scale, row_weight=row_weight, eid=eid)
+    dummy = eid
+    _gg.grouped_gemm_kernel[(n_mblocks, triton.cdiv(n, cfg["BLOCK_N"]))](
+        a, sa if fp8 else dummy, b, b_up if swiglu else b, sb if fp8 else dummy,
+        sb_up if (fp8 and swiglu) else dummy, out, out_scale if out_scale is not None else dummy, eid,
+        masked_m if masked else eid, row_weight if row_weight is not None else dummy,
+        rows, n, k, m_max, b.stride(0), sb.stride(0) if fp8 else 0,
+        *(_sa_strides(sa, masked) if fp8 else (0, 0, 0)),
+        FP8=int(fp8), MASKED=int(masked), ROWS_PER_ID=per_id, EPILOGUE=_gg.EPILOGUES[epilogue],
+        ROW_WEIGHT=int(epilogue == "weight"), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], INTERP_FIX=int(knobs.get().triton_interpret), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return out
+
+
+_DT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _sa_strides(sa, masked):
+    """(expert, row, K-block) strides of the activation scales, which may be MN-major (DeepGEMM's TMA layout)."""
+    return (sa.stride(0), sa.stride(1), sa.stride(2)) if masked else (0, sa.stride(0), sa.stride(1))
+
+
+def _check_operands(a, sa, b, sb):
+    """(fp8, masked) after checking a, sa, b, sb against each other."""
+    fp8 = sa is not None or sb is not None
+    dts = (FP8,) if fp8 else _HALF
+    _tensor("a", a, dts)
+    _tensor("b", b, dts, ndim=3)
+    if a.dim() not in (2, 3):
+        _fail(f"a must be [R, K] (contiguous layout) or [E, M_max, K] (masked layout), got {tuple(a.shape)}")
+    masked = a.dim() == 3
+    e, n, k = b.shape
+    if a.shape[-1] != k:
+        _fail(f"a has K={a.shape[-1]}, b has K={k}")
+    if not fp8 and a.dtype != b.dtype:
+        _fail(f"a ({a.dtype}) and b ({b.dtype}) must have the same dtype", TypeError)
+    if masked and a.shape[0] != e:
+        _fail(f"masked a has {a.shape[0]} experts, b has {e}")
+    if a.data_ptr() % 16 or b.data_ptr() % 16 or k % 16:
+        _fail(f"a and b must start 16-byte aligned with K % 16 == 0 (the kernel's vector loads), got K={k}")
+    if fp8:
+        if sa is None or sb is None:
+            _fail("fp8 operands need both sa and sb (give neither for bf16 / fp16)")
+        if k % 128:
+            _fail(f"fp8 grouped GEMM needs K % 128 == 0, got K={k}")
+        _tensor("sa", sa, (torch.float32,), shape=tuple(a.shape[:-1]) + (k // 128,), strided=True)
+        _tensor("sb", sb, (torch.float32,), shape=(e, triton.cdiv(n, 128), k // 128))
+        _need_e4m3(a, "the fp8 grouped GEMM")
+    return fp8, masked
+
+
+def _check_up(b, sb, b_up, sb_up, fp8):
+    _tensor("b_up", b_up, (b.dtype,))
+    if b_up.shape != b.shape or b_up.dtype != b.dtype or b_up.stride() != b.stride():
+        _fail(f"b_up must match b: shape {tuple(b.shape)}, dtype {b.dtype}, strides {b.stride()}")
+    if fp8 and (sb_up is None or sb_up.shape != sb.shape or sb_up.stride() != sb.stride()):
+        _fail(f"fp8 b_up needs sb_up shaped and strided like sb {tuple(sb.shape)}")
+
+
+def _check_out(out, a, masked, rows, n, epilogue, fp8, out_scale, row_weight):
+    quant = epilogue == "swiglu_quant"
+    _tensor("out", out, (FP8,) if quant else (torch.bfloat16, torch.float16, torch.float32),
+            shape=tuple(a.shape[:-1]) + (n,))
+    if quant:
+        if n % 128:
+            _fail(f"swiglu_quant needs N_out % 128 == 0, got {n}")
+        _tensor("out_scale", out_scale, (torch.float32,), shape=tuple(a.shape[:-1]) + (n // 128,))
+    elif out_scale is not None:
+        _fail("out_scale is only written by the swiglu_quant epilogue")
+    if epilogue == "weight":
+        _tensor("row_weight", row_weight, (torch.float32,))
+        if row_weight.numel() != rows:
+            _fail(f"row_weight must have one weight per row ({rows}), got {row_weight.numel()}")
+    elif row_weight is not None:
+        _fail("row_weight is only read by the 'weight' epilogue")
+
+
+def _gemm_config(problem, config):
+    from dskc.templates import registry
+    cfg = _config(_gg, config)
+    if not registry.satisfies(_gg, cfg, problem):
+        _fail(f"grouped_gemm config {cfg} breaks the stem's constraints {_gg.CONSTRAINTS} for {problem}")
+    return cfg
+
+
+def _expert_map(a, e, rows, m_indices, block_expert, align, masked_m, cfg):
+    """(expert-id tensor, ROWS_PER_ID, M_MAX, number of M-blocks) for the kernel."""
+    bm = cfg["BLOCK_M"]
+    if masked_m is not None:
+        _tensor("masked_m", masked_m, (torch.int32,), shape=(e,))
+        return masked_m, 1, a.shape[1], e * triton.cdiv(a.shape[1], bm)
+    if m_indices is not None:
+        _tensor("m_indices", m_indices, (torch.int32,), shape=(rows,))
+        return m_indices, 1, 0, triton.cdiv(rows, bm)
+    if align is None or align % bm or rows % align:
+        _fail(f"block_expert needs align (got {align}) a multiple of BLOCK_M={bm} dividing the rows ({rows})")
+    _tensor("block_expert", block_expert, (torch.int32,), shape=(rows // align,))
+    return block_expert, align, 0, rows // bm
+
+
+def grouped_gemm_contiguous(a, sa, b, sb, m_indices, out, *, config=None):
+    """DeepGEMM's m_grouped_*_gemm_nt_contiguous: out[r] = a[r] @ b[m_indices[r]]^T; rows with -1 untouched.
+
+    Each expert's rows must start on a multiple of 128 (DeepGEMM's alignment); sa / sb None means bf16 / fp16.
+    """
+    return grouped_gemm(a, sa, b, sb, out, m_indices=m_indices, config=config)
+
+
+def grouped_gemm_masked(a, sa, b, sb, masked_m, expected_m, out, *, config=None):
+    """DeepGEMM's m_grouped_*_gemm_nt_masked: out[e, :masked_m[e]] = a[e, :masked_m[e]] @ b[e]^T.
+
+    a [E, M_max, K], out [E, M_max, N]; rows past masked_m[e] are untouched. expected_m (DeepGEMM's hint of the
+    typical masked_m) is checked and accepted for compatibility; the config comes from `config` or the defaults.
+    """
+    if not isinstance(expected_m, int) or expected_m < 1:
+        _fail(f"expected_m must be a positive int, got {expected_m!r}")
+    return grouped_gemm(a, sa, b, sb, out, masked_m=masked_m, config=config)
