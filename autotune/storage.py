@@ -44,7 +44,10 @@ def open_storage(url: str | Path | None = None, heartbeat_s: int = 5, grace_s: i
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create the folder of tuning database {path}: {exc}") from exc
-        kwargs = {"connect_args": {"timeout": 120}}
+        # isolation_level=None: pysqlite stops opening transactions itself (it did so only before a write, so
+        # Optuna's read-check-write of a WAITING trial was not atomic and two workers could both run one enqueued
+        # trial: optuna/optuna#4621); _serialize_sqlite_writes then starts every transaction with BEGIN IMMEDIATE.
+        kwargs = {"connect_args": {"timeout": 120, "isolation_level": None}}
     retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
         optuna.storages.RetryFailedTrialCallback
     with warnings.catch_warnings():
@@ -56,7 +59,20 @@ def open_storage(url: str | Path | None = None, heartbeat_s: int = 5, grace_s: i
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
-                                              grace_period=grace_s, **{cb_name: retry})
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
+                                                 grace_period=grace_s, **{cb_name: retry})
     except Exception as exc:  # SQLAlchemy raises many types (ArgumentError, OperationalError, ModuleNotFound...)
         raise StorageError(f"cannot open tuning database {url!r}: {type(exc).__name__}: {exc}") from exc
+    if url.startswith("sqlite:"):
+        _serialize_sqlite_writes(storage.engine)
+    return storage
+
+
+def _serialize_sqlite_writes(engine) -> None:
+    """Every transaction on this engine starts with BEGIN IMMEDIATE: it takes SQLite's write lock up front, so a
+    read-check-write (Optuna popping an enqueued trial, telling a result) is atomic across processes; others wait
+    (busy timeout) instead of interleaving. The SQLAlchemy recipe for pysqlite's transaction handling."""
+    from sqlalchemy import event
+
+    event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+    engine.dispose()

@@ -72,3 +72,31 @@ def test_two_workers_share_one_study_without_losing_or_duplicating(tmp_path, pyt
     assert len({t._trial_id for t in trials}) == len(trials)
     seeds = [t for t in trials if "seed" in t.user_attrs]
     assert [t.user_attrs["seed"] for t in seeds].count("default") == 1   # seeds ran once, not once per worker
+
+
+_RACE_WORKER = """
+import sys, warnings, optuna
+warnings.filterwarnings("ignore")
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+from dskc.autotune import open_storage
+study = optuna.load_study(study_name="race", storage=open_storage(sys.argv[1]))
+study.optimize(lambda t: t.suggest_int("x", 0, 10**6), n_trials=30)
+"""
+
+
+def test_enqueued_trials_are_popped_once_under_contention(tmp_path, python, worker_env):
+    """Three processes racing through 90 enqueued trials with an instant objective. Before writes were serialised
+    (BEGIN IMMEDIATE) two workers could pop the same enqueued trial and one crashed telling it (optuna#4621):
+    reproduced on the first try with this test."""
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    study = optuna.create_study(study_name="race", storage=open_storage(url))
+    for x in range(90):
+        study.enqueue_trial({"x": x})
+    procs = [subprocess.Popen([python, "-c", _RACE_WORKER, url], env=worker_env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    trials = study.get_trials()
+    assert len(trials) == 90 and all(t.state == States.COMPLETE for t in trials)
+    assert sorted(t.params["x"] for t in trials) == list(range(90))
