@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from dskc.build.triton_xc import CompileError, compile_kernels
+from dskc.build.triton_xc import compile_kernels
 from dskc.autotune.hardware import hardware
 from dskc.autotune.objective import compile_check, default_tensor_cores
 from dskc.autotune.roofline import estimate

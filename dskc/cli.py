@@ -98,8 +98,6 @@ def _model_args(spec: str):
 
 
 def _plan(args, build: bool):
-    import torch
-
     from dskc import compiler
     from dskc.model import Transformer
 
@@ -136,7 +134,8 @@ def _run(args) -> int:
 
     if args.from_dir:
         from dskc.build import aot
-        shipped = aot.verify(args.from_dir).get("model") or {}
+        manifest = aot.verify(args.from_dir)
+        shipped = manifest.get("model") or {}
         if args.model:
             raise ValueError("--model and --from both name the model: give one (--from DIR holds its config)")
         if not shipped:
@@ -156,7 +155,7 @@ def _run(args) -> int:
         weights = f"random weights (seed {args.seed})"
     t0 = time.perf_counter()
     if args.from_dir:
-        compiled = compiler.load(model, args.from_dir, inplace=True)
+        compiled = compiler.load(model, args.from_dir, inplace=True, manifest=manifest)
         how = f"loaded from {args.from_dir} ({compiled.aot.reason})"
     else:
         compiled = compiler.compile(model, args.target, inplace=True)

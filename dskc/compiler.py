@@ -17,11 +17,11 @@ import torch.nn as nn
 
 from dskc import knobs
 from dskc.arch import Arch, parse
-from dskc.build.triton_xc import CompileError, KernelReport, compile_kernels
+from dskc.build.triton_xc import CompileError, compile_kernels
 from dskc.capture.regions import find_regions
 from dskc.ir.graph import Graph, Op
 from dskc.lower.passes import Options, lower
-from dskc.select.choose import Choice, choose
+from dskc.select.choose import choose
 
 log = logging.getLogger("dskc.compile")
 
@@ -257,7 +257,8 @@ def compile(model: nn.Module, target="auto", *, options: Options = Options(), bu
     return CompiledModel(module, p)
 
 
-def load(model: nn.Module, out_dir, *, inplace: bool = False, progress: bool = False) -> CompiledModel:
+def load(model: nn.Module, out_dir, *, inplace: bool = False, progress: bool = False,
+         manifest: dict | None = None) -> CompiledModel:
     """`model` on the kernels of a `dskc compile --out DIR` build.
 
     The manifest is verified first (every shipped file against its hash); a model whose config differs from the
@@ -266,12 +267,13 @@ def load(model: nn.Module, out_dir, *, inplace: bool = False, progress: bool = F
     compile is counted in `compiled.aot.stats` and logged). Without a GPU the same kernels run through the
     interpreter. A selection that differs from the manifest's (a tuned database changed since) is logged.
     Not yet: CUTLASS picks are rebuilt from the dskc cache (nvcc), not loaded from DIR.
+    manifest: what `dskc.build.aot.verify(out_dir)` returned, when the caller verified the directory already.
     """
     from dskc.arch import detect
     from dskc.build import aot as aot_files
     from dskc.runtime import aot as aot_runtime
 
-    manifest = aot_files.verify(out_dir)
+    manifest = manifest or aot_files.verify(out_dir)
     shipped_cfg, args = manifest.get("model") or {}, getattr(model, "args", None)
     if shipped_cfg and dataclasses.is_dataclass(args):
         mine = dataclasses.asdict(args)
@@ -280,9 +282,10 @@ def load(model: nn.Module, out_dir, *, inplace: bool = False, progress: bool = F
             raise ValueError(f"{out_dir} was compiled for another model: {', '.join(differ)} differ "
                              f"(e.g. {differ[0]}: built {shipped_cfg.get(differ[0])!r}, here {mine.get(differ[0])!r})")
     target = parse(manifest["target"])
-    if torch.cuda.is_available() and detect().cc != target.cc:
-        raise ValueError(f"{out_dir} holds kernels for {target}, this GPU is {detect()}: compile for it with "
-                         f"`dskc compile --target {detect()}`")
+    here = detect() if torch.cuda.is_available() else None
+    if here is not None and here.cc != target.cc:
+        raise ValueError(f"{out_dir} holds kernels for {target}, this GPU is {here}: compile for it with "
+                         f"`dskc compile --target {here}`")
     installed = aot_runtime.install(out_dir, manifest)
     compiled = compile(model, target, build_kernels=False, inplace=inplace, progress=progress)
     want = {(r["region"], r["stem"], tuple(sorted(r["config"].items()))) for r in manifest["regions"]}

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from .fp8 import FP8_DTYPE
 from .model import Transformer
-from .parallel import TP, shard_state_dict
+from .parallel import shard_state_dict
 
 HF_INDEX = "model.safetensors.index.json"
 _TO_HF = {  # our segment -> hf segment

@@ -33,19 +33,7 @@ def capture(model: torch.nn.Module, calls: list[tuple[tuple, dict]]) -> Capture:
 
     Raises torch._dynamo.exc.Unsupported (a graph break) if the model cannot be captured whole.
     """
-    graphs = []
-
-    def record(gm: fx.GraphModule, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=record, fullgraph=True, dynamic=True)
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True), \
-            torch.inference_mode():
-        for args, kwargs in calls:
-            compiled(*args, **kwargs)
-    return Capture(graphs, len(calls))
+    return _record(model, calls, run=True)
 
 
 def module_paths(gm: fx.GraphModule) -> set[str]:
@@ -67,10 +55,19 @@ class _Traced(Exception):
 def trace(model: torch.nn.Module, calls: list[tuple[tuple, dict]]) -> Capture:
     """Dynamo's FX graphs for `calls` (fullgraph, dynamic), recorded but never run: each call stops after Dynamo
     handed its graph over. Works on the meta device. Raises torch._dynamo.exc.Unsupported on a graph break."""
+    cap = _record(model, calls, run=False)
+    torch._dynamo.reset()
+    return cap
+
+
+def _record(model, calls, run: bool) -> Capture:
+    """Every graph Dynamo compiles for `calls`; each graph runs eagerly (run=True) or its call stops (run=False)."""
     graphs = []
 
     def record(gm: fx.GraphModule, example_inputs):
         graphs.append(gm)
+        if run:
+            return gm.forward
 
         def stop(*args, **kwargs):
             raise _Traced()
@@ -85,7 +82,6 @@ def trace(model: torch.nn.Module, calls: list[tuple[tuple, dict]]) -> Capture:
                 compiled(*args, **kwargs)
             except _Traced:
                 pass
-    torch._dynamo.reset()
     return Capture(graphs, len(calls))
 
 

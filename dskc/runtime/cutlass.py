@@ -73,6 +73,17 @@ def _check_n(n: int) -> None:
         raise ValueError(f"N must be a positive multiple of 8 (16-byte bf16 output rows), got {n}")
 
 
+def _dense_mnk(a, b) -> tuple[int, int, int]:
+    """(M, N, K) of a dense GEMM's a [M, K] and b [N, K], checking the ranks, equal K and N's alignment."""
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"a must be [M, K] and b [N, K]; got {tuple(a.shape)} and {tuple(b.shape)}")
+    (m, k), (n, kb) = a.shape, b.shape
+    if kb != k:
+        raise ValueError(f"a's K ({k}) and b's K ({kb}) differ")
+    _check_n(n)
+    return m, n, k
+
+
 class _Library:
     """A loaded .so and its extern "C" entry points (argtypes declared once per load)."""
 
@@ -177,12 +188,7 @@ class Fp8Gemm:
         for name, t, dt in (("a", a, torch.float8_e4m3fn), ("sa", sa, torch.float32), ("b", b, torch.float8_e4m3fn),
                             ("sb", sb, torch.float32)):
             _check_dtype(name, t, dt)
-        if a.dim() != 2 or b.dim() != 2:
-            raise ValueError(f"a must be [M, K] and b [N, K]; got {tuple(a.shape)} and {tuple(b.shape)}")
-        (m, k), (n, kb) = a.shape, b.shape
-        if kb != k:
-            raise ValueError(f"a's K ({k}) and b's K ({kb}) differ")
-        _check_n(n)
+        m, n, k = _dense_mnk(a, b)
         k_blocks = _k_blocks(k)
         _check_shape("sa", sa, (m, k_blocks))
         _check_shape("sb", sb, (-(-n // 128), k_blocks))
@@ -221,12 +227,7 @@ class Bf16Gemm:
         """Validate the arguments; returns (M, N, K). Raises TypeError/ValueError before any GPU work."""
         _check_dtype("a", a, torch.bfloat16)
         _check_dtype("b", b, torch.bfloat16)
-        if a.dim() != 2 or b.dim() != 2:
-            raise ValueError(f"a must be [M, K] and b [N, K]; got {tuple(a.shape)} and {tuple(b.shape)}")
-        (m, k), (n, kb) = a.shape, b.shape
-        if kb != k:
-            raise ValueError(f"a's K ({k}) and b's K ({kb}) differ")
-        _check_n(n)
+        m, n, k = _dense_mnk(a, b)
         if k <= 0 or k % 8:
             raise ValueError(f"K must be a positive multiple of 8 (16-byte bf16 rows), got {k}")
         for name, t in (("a", a), ("b", b)):
