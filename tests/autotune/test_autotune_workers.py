@@ -22,10 +22,20 @@ def _spawn(python, task, env):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def _has_heartbeat(study, trial_id) -> bool:
+    """Optuna only fails a stale RUNNING trial that has a heartbeat row; a worker killed before its heartbeat
+    thread first wrote one (a window that grows on a loaded machine) leaves the trial RUNNING for good."""
+    engine = getattr(study._storage, "_backend", study._storage).engine
+    with engine.connect() as conn:
+        return conn.exec_driver_sql("SELECT 1 FROM trial_heartbeats WHERE trial_id = ?", (trial_id,)).first() \
+            is not None
+
+
 def _wait_for(study, count, proc, limit_s=90, running=False):
     deadline = time.monotonic() + limit_s
-    def in_trial():  # a trial past its suggestions: the worker sits in the (slow) build step
-        return any(len(t.params) == 5 for t in study.get_trials(states=(States.RUNNING,)))
+    def in_trial():  # a trial past its suggestions and heartbeating: the worker sits in the (slow) build step
+        return any(len(t.params) == 5 and _has_heartbeat(study, t._trial_id)
+                   for t in study.get_trials(states=(States.RUNNING,)))
     while finished(study) < count or (running and not in_trial()):
         assert proc.poll() is None, f"worker exited early: {proc.stderr.read()[-2000:]}"
         assert time.monotonic() < deadline, "worker made no progress"
