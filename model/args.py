@@ -1,8 +1,9 @@
 """ModelArgs: the DeepSeek-V3 inference hyper-parameters, named configs and their validation.
 
 Field names and defaults are those of DeepSeek-V3's inference `ModelArgs` (deepseek-ai/DeepSeek-V3,
-inference/model.py), plus `gate_bias`. Named configs live as JSON files in model/configs/ (DeepSeek's own
-config JSON format: a subset of the fields, the rest take the defaults).
+inference/model.py), plus `gate_bias`, `yarn`, `rope_attn_factor` and `norm_eps`. Named configs live as JSON files
+in model/configs/ (DeepSeek's own config JSON format: a subset of the fields, the rest take the defaults; each
+states `yarn` explicitly). Hugging Face config.json files map through model/hf.py.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ CONFIG_DIR = Path(__file__).with_name("configs")
 _POSITIVE = ("max_batch_size", "max_seq_len", "vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers",
              "n_heads", "n_routed_experts", "n_activated_experts", "n_expert_groups", "n_limited_groups",
              "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "original_seq_len")
-_NON_NEGATIVE = ("n_dense_layers", "n_shared_experts", "q_lora_rank", "beta_fast", "beta_slow")
-_FLOATS = ("route_scale", "rope_theta", "rope_factor", "mscale")
+_NON_NEGATIVE = ("n_dense_layers", "n_shared_experts", "q_lora_rank")
+_FLOATS = ("route_scale", "rope_theta", "rope_factor", "mscale", "beta_fast", "beta_slow", "rope_attn_factor",
+           "norm_eps")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,13 @@ class ModelArgs:
     configs can exercise the bias (top-2-sum group score) routing path.
     dtype: "bf16" (bfloat16 Linear weights) or "fp8" (e4m3 weights with fp32 128x128 block scales).
     scale_fmt: None or "ue8m0" (power-of-two scales, DeepSeek-V3.1); only affects quantize_weight here.
+    yarn: whether YaRN applies (frequencies by rope_factor / original_seq_len / beta_fast / beta_slow, softmax scale
+    times mscale-term^2). The config decides, never the cache size: max_seq_len only sizes the KV cache and the
+    rope table. (DeepSeek's reference switches YaRN on when max_seq_len > original_seq_len; its configs at their
+    default max_seq_len have it on, hence the default, and the named configs state it.)
+    rope_attn_factor: multiplies the YaRN cos/sin table, so the rope part of q.k by its square (transformers'
+    `attention_factor`, from rope_scaling's mscale / mscale_all_dim); 1.0 in DeepSeek's reference.
+    norm_eps: every RMSNorm's epsilon (rms_norm_eps in Hugging Face configs).
     """
     max_batch_size: int = 8
     max_seq_len: int = 4096 * 4
@@ -65,8 +74,11 @@ class ModelArgs:
     beta_fast: int = 32
     beta_slow: int = 1
     mscale: float = 1.0
-    # dskc extension
+    # dskc extensions (Hugging Face configs express these)
     gate_bias: bool | None = None
+    yarn: bool = True
+    rope_attn_factor: float = 1.0
+    norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -86,13 +98,15 @@ class ModelArgs:
 
     @property
     def yarn_active(self) -> bool:
-        return self.max_seq_len > self.original_seq_len
+        """Whether YaRN applies: the `yarn` field alone (max_seq_len plays no part)."""
+        return self.yarn
 
     @property
     def softmax_scale(self) -> float:
-        """(qk_nope + qk_rope)^-0.5, times mscale^2 when YaRN is active (max_seq_len > original_seq_len)."""
+        """(qk_nope + qk_rope)^-0.5, times m^2 under YaRN, m = 0.1 * mscale * ln(rope_factor) + 1 (1 when
+        rope_factor <= 1, as transformers' yarn_get_mscale; mscale 0 gives 1 too)."""
         scale = self.qk_head_dim ** -0.5
-        if self.yarn_active:
+        if self.yarn and self.rope_factor > 1:
             m = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
             scale *= m * m
         return scale
@@ -144,6 +158,8 @@ def _check_types(a: ModelArgs) -> None:
             raise TypeError(f"ModelArgs.{name} must be a finite number, got {v!r}")
     if a.gate_bias is not None and not isinstance(a.gate_bias, bool):
         raise TypeError(f"ModelArgs.gate_bias must be None, True or False, got {a.gate_bias!r}")
+    if not isinstance(a.yarn, bool):
+        raise TypeError(f"ModelArgs.yarn must be True or False, got {a.yarn!r}")
 
 
 def _check_values(a: ModelArgs) -> None:
@@ -165,6 +181,11 @@ def _check_values(a: ModelArgs) -> None:
         raise ValueError(f"qk_rope_head_dim must be even (rotary pairs), got {a.qk_rope_head_dim}")
     if a.rope_factor <= 0 or a.rope_theta <= 1:
         raise ValueError(f"need rope_factor > 0 and rope_theta > 1, got {a.rope_factor}, {a.rope_theta}")
+    for name in ("beta_fast", "beta_slow", "mscale"):
+        if getattr(a, name) < 0:
+            raise ValueError(f"ModelArgs.{name} must be >= 0, got {getattr(a, name)}")
+    if a.rope_attn_factor <= 0 or a.norm_eps <= 0:
+        raise ValueError(f"need rope_attn_factor > 0 and norm_eps > 0, got {a.rope_attn_factor}, {a.norm_eps}")
     _check_routing(a)
 
 

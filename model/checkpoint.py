@@ -1,30 +1,33 @@
-"""Save and load checkpoints in DeepSeek's inference layout or the Hugging Face layout (safetensors).
+"""Checkpoint layouts (safetensors) and saving; loading streams tensor by tensor (model/loader.py).
 
-deepseek: `model{rank}-mp{world}.safetensors` with our state_dict names (`layers.0.attn.wq_a.weight`,
-          `...scale`), as written by DeepSeek-V3's convert.py.
-hf:       `model-0000k-of-0000n.safetensors` shards + `model.safetensors.index.json`, names like
-          `model.layers.0.self_attn.kv_a_proj_with_mqa.weight`, `...weight_scale_inv`,
-          `model.layers.3.mlp.gate.e_score_correction_bias`, `model.embed_tokens.weight`, `lm_head.weight`.
-Names map segment by segment (a bijection), so both directions are one table. In the hf layout, layers with
-index >= n_layers (DeepSeek-V3's multi-token-prediction module, unused by inference) are skipped, as convert.py
-does; any other unknown, missing or misshapen tensor raises ValueError naming it.
+deepseek:  `model{rank}-mp{world}.safetensors` with our state_dict names (`layers.0.attn.wq_a.weight`,
+           `...scale`), as written by DeepSeek-V3's convert.py.
+hf:        `model-0000k-of-0000n.safetensors` shards + `model.safetensors.index.json`, names like
+           `model.layers.0.self_attn.kv_a_proj_with_mqa.weight`, `...weight_scale_inv`,
+           `model.layers.3.mlp.gate.e_score_correction_bias`, `model.embed_tokens.weight`, `lm_head.weight`.
+hf-single: one `model.safetensors` with the hf names (what save_pretrained writes for a small model).
+Names map segment by segment (a bijection), so both directions are one table. In the hf layouts, layers with
+index >= n_layers (DeepSeek-V3's multi-token-prediction module, unused by inference) are skipped with a log line,
+as convert.py skips them.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .fp8 import FP8_DTYPE
 from .model import Transformer
-from .parallel import shard_state_dict
 
+log = logging.getLogger("dskc.model")
 HF_INDEX = "model.safetensors.index.json"
+HF_SINGLE = "model.safetensors"
 _TO_HF = {  # our segment -> hf segment
     "embed": "embed_tokens", "head": "lm_head", "attn": "self_attn", "ffn": "mlp",
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -94,81 +97,75 @@ def save_checkpoint(model: Transformer, directory: str | os.PathLike, layout: st
     return files + [directory / HF_INDEX]
 
 
-def _read(path: Path, names=None) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k: f.get_tensor(k) for k in (names if names is not None else f.keys())}
-
-
-def _read_hf(directory: Path, n_layers: int) -> dict[str, torch.Tensor]:
-    weight_map = json.loads((directory / HF_INDEX).read_text()).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{directory / HF_INDEX} has no 'weight_map' object")
-    by_file: dict[str, list[str]] = {}
-    for hf_name, fname in weight_map.items():
-        m = re.match(r"model\.layers\.(\d+)\.", hf_name)
-        if m and int(m.group(1)) >= n_layers:
-            continue  # multi-token-prediction layer(s): not part of the inference model
-        by_file.setdefault(fname, []).append(hf_name)
-    state = {}
-    for fname, names in by_file.items():
-        if not (directory / fname).is_file():
-            raise ValueError(f"{HF_INDEX} names shard {fname!r}, which is not in {directory}")
-        state.update({from_hf_name(k): v for k, v in _read(directory / fname, names).items()})
-    return state
-
-
-def _read_deepseek(directory: Path, model: Transformer) -> tuple[dict[str, torch.Tensor], bool]:
-    """Returns (state, already_sharded): this rank's own file if present, else the world-size-1 file."""
-    tp = model.tp
-    own = directory / f"model{tp.rank}-mp{tp.world_size}.safetensors"
-    if own.is_file():
-        return _read(own), True
-    full = directory / "model0-mp1.safetensors"
-    if full.is_file():
-        return _read(full), False
-    found = sorted(p.name for p in directory.glob("model*-mp*.safetensors"))
-    raise ValueError(f"{directory}: need {own.name} or model0-mp1.safetensors for world size {tp.world_size}, "
-                     f"found {found}")
+@dataclass(frozen=True)
+class Stored:
+    """Where one tensor of the model lives: file, its name there (stored), and whether that file is already this
+    rank's tensor-parallel part (DeepSeek's model{rank}-mp{world} files) or the whole tensor."""
+    file: Path
+    stored: str
+    presharded: bool = False
 
 
 def detect_layout(directory: str | os.PathLike) -> str:
-    """'hf' when the safetensors index exists, 'deepseek' when model*-mp*.safetensors files exist."""
+    """'hf' (index + shards), 'hf-single' (model.safetensors) or 'deepseek' (model*-mp*.safetensors)."""
     directory = Path(directory)
     if (directory / HF_INDEX).is_file():
         return "hf"
+    if (directory / HF_SINGLE).is_file():
+        return "hf-single"
     if any(_DS_FILE.fullmatch(p.name) for p in directory.glob("*.safetensors")):
         return "deepseek"
-    raise ValueError(f"{directory}: no checkpoint found (neither {HF_INDEX} nor model*-mp*.safetensors)")
+    raise ValueError(f"{directory}: no checkpoint found (neither {HF_INDEX}, {HF_SINGLE} nor "
+                     "model*-mp*.safetensors)")
 
 
-def _check_and_copy(model: Transformer, state: dict[str, torch.Tensor]) -> None:
-    own = model.state_dict()
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or extra:
-        raise ValueError(f"checkpoint does not match the model: missing keys {missing}, unexpected keys {extra}")
-    bad_shape = {k: (tuple(state[k].shape), tuple(v.shape)) for k, v in own.items() if state[k].shape != v.shape}
-    if bad_shape:
-        raise ValueError(f"checkpoint shapes differ from the model (checkpoint, model): {bad_shape}")
-    bad_kind = [k for k, v in own.items() if (state[k].dtype == FP8_DTYPE) != (v.dtype == FP8_DTYPE)]
-    if bad_kind:
-        raise ValueError(f"fp8 vs non-fp8 dtype mismatch (a bf16 checkpoint for an fp8 model or the reverse): "
-                         f"{[(k, state[k].dtype, own[k].dtype) for k in bad_kind]}")
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(state[k])  # other float dtypes are cast to the model's dtype
+def _hf_weight_map(directory: Path, layout: str) -> dict[str, str]:
+    """hf name -> shard file name."""
+    if layout == "hf-single":
+        with safe_open(str(directory / HF_SINGLE), framework="pt", device="cpu") as f:
+            return {k: HF_SINGLE for k in f.keys()}
+    try:
+        weight_map = json.loads((directory / HF_INDEX).read_text()).get("weight_map")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{directory / HF_INDEX} is not valid JSON: {exc}") from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{directory / HF_INDEX} has no 'weight_map' object")
+    return weight_map
 
 
-def load_checkpoint(model: Transformer, directory: str | os.PathLike) -> Transformer:
-    """Load weights saved in either layout (detected) into `model`; at world size > 1 a world-size-1
-    checkpoint is sharded for this rank. Float dtypes are cast to the model's; fp8-ness must match."""
+def _hf_index(directory: Path, layout: str, n_layers: int) -> dict[str, Stored]:
+    index, mtp = {}, {}
+    for hf_name, fname in _hf_weight_map(directory, layout).items():
+        m = re.match(r"model\.layers\.(\d+)\.", hf_name)
+        if m and int(m.group(1)) >= n_layers:
+            mtp.setdefault(int(m.group(1)), []).append(hf_name)
+            continue
+        index[from_hf_name(hf_name)] = Stored(directory / fname, hf_name)
+    if mtp:
+        log.info("dskc.model: skipping %d tensors of layer(s) %s in %s: the multi-token-prediction module "
+                 "(num_nextn_predict_layers), which inference does not use", sum(map(len, mtp.values())),
+                 sorted(mtp), directory)
+    return index
+
+
+def _deepseek_index(directory: Path, rank: int, world_size: int) -> dict[str, Stored]:
+    own = directory / f"model{rank}-mp{world_size}.safetensors"
+    full = directory / "model0-mp1.safetensors"
+    path = own if own.is_file() else full if full.is_file() else None
+    if path is None:
+        found = sorted(p.name for p in directory.glob("model*-mp*.safetensors"))
+        raise ValueError(f"{directory}: need {own.name} or {full.name} for world size {world_size}, found {found}")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: Stored(path, k, presharded=path == own and world_size > 1) for k in f.keys()}
+
+
+def checkpoint_index(directory: str | os.PathLike, n_layers: int, rank: int = 0,
+                     world_size: int = 1) -> dict[str, Stored]:
+    """Our state_dict name -> where it is stored, for any layout (reads file headers and the index only)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"checkpoint directory {directory} does not exist")
-    if detect_layout(directory) == "hf":
-        state, sharded = _read_hf(directory, model.args.n_layers), False
-    else:
-        state, sharded = _read_deepseek(directory, model)
-    if not sharded:
-        state = shard_state_dict(state, model.args, model.tp)
-    _check_and_copy(model, state)
-    return model
+    layout = detect_layout(directory)
+    if layout == "deepseek":
+        return _deepseek_index(directory, rank, world_size)
+    return _hf_index(directory, layout, n_layers)

@@ -42,15 +42,19 @@ def _yarn_ramp(args: ModelArgs) -> torch.Tensor:
 
 
 def precompute_rope(args: ModelArgs, device=None) -> torch.Tensor:
-    """cos/sin table [max_seq_len, qk_rope_head_dim // 2, 2] (float32), YaRN-scaled when max_seq_len is past
-    original_seq_len (same frequencies as the reference's precompute_freqs_cis)."""
+    """cos/sin table [max_seq_len, qk_rope_head_dim // 2, 2] (float32). With args.yarn: YaRN frequencies (as the
+    reference's precompute_freqs_cis and transformers' yarn rope) and cos/sin times args.rope_attn_factor
+    (transformers' attention_factor; 1.0 for DeepSeek's own configs). max_seq_len only sets the table's length."""
     dim = args.qk_rope_head_dim
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    if args.yarn_active:
+    if args.yarn:
         smooth = _yarn_ramp(args)
         freqs = freqs / args.rope_factor * (1 - smooth) + freqs * smooth
     angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), freqs)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).to(device)
+    table = torch.stack([angles.cos(), angles.sin()], dim=-1)
+    if args.yarn and args.rope_attn_factor != 1.0:
+        table = table * args.rope_attn_factor
+    return table.to(device)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -79,10 +83,10 @@ class MLA(nn.Module):
             self.wq = Linear(args.dim, args.n_heads * args.qk_head_dim, split="column", **lin)
         else:
             self.wq_a = Linear(args.dim, args.q_lora_rank, **lin)
-            self.q_norm = RMSNorm(args.q_lora_rank, dtype=dtype, device=device)
+            self.q_norm = RMSNorm(args.q_lora_rank, dtype=dtype, eps=args.norm_eps, device=device)
             self.wq_b = Linear(args.q_lora_rank, args.n_heads * args.qk_head_dim, split="column", **lin)
         self.wkv_a = Linear(args.dim, args.kv_lora_rank + args.qk_rope_head_dim, **lin)
-        self.kv_norm = RMSNorm(args.kv_lora_rank, dtype=dtype, device=device)
+        self.kv_norm = RMSNorm(args.kv_lora_rank, dtype=dtype, eps=args.norm_eps, device=device)
         self.wkv_b = Linear(args.kv_lora_rank, args.n_heads * (self.nope + self.v_dim), split="column", **lin)
         self.wo = Linear(args.n_heads * self.v_dim, args.dim, split="row", **lin)
         self.softmax_scale = args.softmax_scale

@@ -26,8 +26,8 @@ class Block(nn.Module):
                            device=device)
         else:
             self.ffn = MoE(args, dtype=dtype, tp=tp, device=device)
-        self.attn_norm = RMSNorm(args.dim, dtype=dtype, device=device)
-        self.ffn_norm = RMSNorm(args.dim, dtype=dtype, device=device)
+        self.attn_norm = RMSNorm(args.dim, dtype=dtype, eps=args.norm_eps, device=device)
+        self.ffn_norm = RMSNorm(args.dim, dtype=dtype, eps=args.norm_eps, device=device)
 
     def forward(self, x, start_pos: int, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), start_pos, rope, mask)
@@ -61,7 +61,7 @@ class Transformer(nn.Module):
         self.embed = ParallelEmbedding(args.vocab_size, args.dim, dtype=dtype, tp=tp, device=device)
         self.layers = nn.ModuleList(Block(i, args, attn_impl, dtype=dtype, tp=tp, device=device)
                                     for i in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, dtype=dtype, device=device)
+        self.norm = RMSNorm(args.dim, dtype=dtype, eps=args.norm_eps, device=device)
         self.head = Linear(args.dim, args.vocab_size, dtype=dtype, split="column", tp=tp, device=device)
         self.register_buffer("rope", precompute_rope(args, device=device), persistent=False)
         if gemm_impl not in ("bf16", "fp8"):

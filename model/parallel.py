@@ -138,6 +138,20 @@ def check_parallel(args: ModelArgs, tp: TP) -> None:
                              f"{FP8_BLOCK} (whole scale blocks); these are not: {bad}")
 
 
+def split_dim(name: str) -> int | None:
+    """The dimension of state_dict tensor `name` that tensor parallelism splits (0, 1), or None (replicated).
+    Routed experts are split by index instead (see expert_index)."""
+    parts = name.split(".")
+    module = parts[-2] if len(parts) >= 2 else ""
+    return 0 if module in COLUMN_SPLIT else 1 if module in ROW_SPLIT else None
+
+
+def expert_index(name: str) -> int | None:
+    """The routed-expert index in a state_dict name (`layers.3.ffn.experts.17.w1.weight` -> 17), else None."""
+    parts = name.split(".")
+    return int(parts[parts.index("experts") + 1]) if "experts" in parts else None
+
+
 def shard_state_dict(state: dict[str, torch.Tensor], args: ModelArgs, tp: TP) -> dict[str, torch.Tensor]:
     """Cut a world-size-1 state_dict (our names) down to rank tp.rank's part, as DeepSeek's convert.py does."""
     check_parallel(args, tp)
@@ -147,13 +161,12 @@ def shard_state_dict(state: dict[str, torch.Tensor], args: ModelArgs, tp: TP) ->
     first, last = tp.rank * n_local, (tp.rank + 1) * n_local
     out = {}
     for name, t in state.items():
-        parts = name.split(".")
-        if "experts" in parts:  # routed expert: keep only this rank's index range
-            if first <= int(parts[parts.index("experts") + 1]) < last:
+        expert = expert_index(name)
+        if expert is not None:  # routed expert: keep only this rank's index range
+            if first <= expert < last:
                 out[name] = t
             continue
-        module = parts[-2] if len(parts) >= 2 else ""
-        dim = 0 if module in COLUMN_SPLIT else 1 if module in ROW_SPLIT else None
+        dim = split_dim(name)
         if dim is None:
             out[name] = t
         else:

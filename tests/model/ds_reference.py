@@ -2,7 +2,9 @@
 
 Written independently of dskc.model, straight from the reference's formulas: complex-number RoPE with YaRN,
 explicit per-head K/V (no cache, whole sequence at once), a per-token gate loop with explicit sorting.
-Input: a state_dict with our (= DeepSeek's) names and a ModelArgs.
+Input: a state_dict with our (= DeepSeek's) names and a ModelArgs. Where YaRN applies is the config's `yarn` field
+(the reference's own rule, max_seq_len > original_seq_len, is what the named configs state); `rope_attn_factor`
+(transformers' cos/sin attention factor, 1 in the reference) scales the rotation's magnitude.
 """
 from __future__ import annotations
 
@@ -32,7 +34,10 @@ def freqs_cis(args):
     """Complex [max_seq_len, rope/2] table by the reference's formulas (float64)."""
     dim, base = args.qk_rope_head_dim, args.rope_theta
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    if args.max_seq_len > args.original_seq_len:
+    magnitude = 1.0
+    if args.yarn:
+        magnitude = args.rope_attn_factor
+
         def corr(rot):
             return dim * math.log(args.original_seq_len / (rot * 2 * math.pi)) / (2 * math.log(base))
         low, high = max(math.floor(corr(args.beta_fast)), 0), min(math.ceil(corr(args.beta_slow)), dim - 1)
@@ -42,7 +47,7 @@ def freqs_cis(args):
         smooth = 1 - ramp
         freqs = freqs / args.rope_factor * (1 - smooth) + freqs * smooth
     t = torch.arange(args.max_seq_len, dtype=torch.float64)
-    return torch.polar(torch.ones(args.max_seq_len, dim // 2, dtype=torch.float64), torch.outer(t, freqs))
+    return torch.polar(torch.full((args.max_seq_len, dim // 2), magnitude, dtype=torch.float64), torch.outer(t, freqs))
 
 
 def rope(x, fc):
@@ -67,7 +72,7 @@ def mla(sd, p, args, x, fc):
     k = torch.cat([kvb[..., :nope], k_pe.expand(b, s, h, r)], -1)
     v = kvb[..., nope:]
     scale = (nope + r) ** -0.5
-    if args.max_seq_len > args.original_seq_len:
+    if args.yarn and args.rope_factor > 1:
         scale *= (0.1 * args.mscale * math.log(args.rope_factor) + 1.0) ** 2
     scores = torch.einsum("bshd,bthd->bhst", q, k) * scale
     causal = torch.ones(s, s, dtype=torch.bool).triu(1)

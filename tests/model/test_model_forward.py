@@ -16,7 +16,8 @@ def _tokens(bsz, seqlen, seed, vocab=1024):
 VARIANTS = {  # tiny (V3-like) plus V2-Lite-like and V2-like paths
     "v3-like": {},
     "v2-lite-like": dict(q_lora_rank=0, score_func="softmax", gate_bias=None, n_expert_groups=1,
-                         n_limited_groups=1, route_scale=1.0, dtype="bf16", max_seq_len=128, mscale=0.707),
+                         n_limited_groups=1, route_scale=1.0, dtype="bf16", max_seq_len=128, mscale=0.707,
+                         yarn=False),
     "v2-like": dict(score_func="softmax", gate_bias=None, route_scale=16.0, dtype="bf16"),
 }
 
@@ -81,8 +82,31 @@ def test_softmax_scale_mscale():
     a = get_config("tiny")
     m = 0.1 * a.mscale * math.log(a.rope_factor) + 1.0
     assert a.softmax_scale == pytest.approx(128 ** -0.5 * m * m)  # qk_head_dim 64 + 64
-    short = get_config("tiny", max_seq_len=128)  # not past original_seq_len: no YaRN, no mscale
-    assert not short.yarn_active and short.softmax_scale == pytest.approx(128 ** -0.5)
+    off = get_config("tiny", yarn=False)  # the config switches YaRN off: no mscale
+    assert not off.yarn_active and off.softmax_scale == pytest.approx(128 ** -0.5)
+
+
+def test_max_seq_len_sizes_the_cache_and_nothing_else():
+    """DeepSeek's reference turns YaRN off when max_seq_len <= original_seq_len (128 for tiny); dskc keeps the
+    config's YaRN: a shorter cache gives the same logits (the issue measured 0.57 relative error before)."""
+    long, short = get_config("tiny"), get_config("tiny", max_seq_len=64)
+    assert short.yarn_active and short.softmax_scale == long.softmax_scale
+    torch.testing.assert_close(precompute_rope(short), precompute_rope(long)[:64], atol=0, rtol=0)
+    tokens = _tokens(2, 20, seed=8)
+    models = []
+    for args in (long, short):
+        m = Transformer(args, dtype=torch.float32)
+        init_random(m, 6)
+        models.append(m)
+    torch.testing.assert_close(models[1](tokens), models[0](tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_attn_factor_scales_the_yarn_table():
+    base, scaled = get_config("tiny"), get_config("tiny", rope_attn_factor=1.25)
+    torch.testing.assert_close(precompute_rope(scaled), precompute_rope(base) * 1.25, atol=1e-6, rtol=1e-6)
+    off = get_config("tiny", yarn=False, rope_attn_factor=1.25)   # the factor belongs to YaRN
+    angles = precompute_rope(off)
+    torch.testing.assert_close(angles.pow(2).sum(-1), torch.ones(angles.shape[:-1]), atol=1e-5, rtol=0)
 
 
 def _tiny_keys():
