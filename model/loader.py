@@ -126,13 +126,17 @@ def _plan(model: Transformer, params: dict, index: dict[str, Stored], quantize: 
     return reads
 
 
-def _put(model: nn.Module, name: str, value: torch.Tensor, device) -> None:
+def _put(model: nn.Module, name: str, value: torch.Tensor, device, owned: bool = False) -> None:
+    """Set parameter `name` to `value`. A tensor read by safetensors lives in the file's (private) memory map; a
+    meta parameter gets its own copy, so the map is released with the file and the model owns its memory."""
     mod_name, _, attr = name.rpartition(".")
     module = model.get_submodule(mod_name) if mod_name else model
     old = module._parameters[attr]
     if old.is_meta:
-        module._parameters[attr] = nn.Parameter(value.to(device=device, dtype=old.dtype).contiguous(),
-                                                 requires_grad=False)
+        new = value.to(device=device, dtype=old.dtype)
+        if not owned and new.data_ptr() == value.data_ptr():
+            new = new.clone(memory_format=torch.contiguous_format)
+        module._parameters[attr] = nn.Parameter(new.contiguous(), requires_grad=False)
     else:
         with torch.no_grad():
             old.copy_(value)   # float dtypes cast to the model's
@@ -157,8 +161,8 @@ def _stream(model: Transformer, reads: list[_Read], device) -> None:
                 t = _read_one(f, r, model.tp)
                 if r.quantize:   # DeepSeek's recipe, exactly model/fp8.py's quantiser on the stored tensor
                     q, s = quantize_weight(t, model.args.scale_fmt)
-                    _put(model, r.name, q, device)
-                    _put(model, r.name[:-len("weight")] + "scale", s, device)
+                    _put(model, r.name, q, device, owned=True)
+                    _put(model, r.name[:-len("weight")] + "scale", s, device, owned=True)
                 else:
                     _put(model, r.name, t, device)
                 del t
