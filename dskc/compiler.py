@@ -209,6 +209,22 @@ def _attach_decode_graphs(module: nn.Module) -> None:
     module.forward, module.decode_graphs = forward, runner
 
 
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)   # activation dtypes the generated kernels take
+
+
+def _check_dtype(model: nn.Module) -> None:
+    """Refuse a model computing in a dtype no kernel takes (float32, float64) here, not at its first forward."""
+    dtype = getattr(model, "dtype", None)
+    if not isinstance(dtype, torch.dtype):   # a plain nn.Module: its float (non-FP8) matrices' dtype
+        kinds = {p.dtype for p in model.parameters() if p.dim() >= 2 and p.is_floating_point() and p.itemsize > 1}
+        dtype = kinds.pop() if len(kinds) == 1 else None
+    if dtype is not None and dtype not in KERNEL_DTYPES:
+        raise ValueError(f"dskc.compile: the model computes in {dtype}, which no dskc kernel takes (they take "
+                         f"bfloat16 or float16 activations); build it in one of those, e.g. "
+                         f"Transformer(args, dtype=torch.bfloat16) or dskc.model.from_pretrained(path, "
+                         f"dtype=torch.bfloat16), and compile that")
+
+
 def compile(model: nn.Module, target="auto", *, options: Options = Options(), build_kernels: bool = True,
             inplace: bool = False, progress: bool = True, cuda_graphs: bool = True, capture: str = "module",
             example_inputs=None) -> CompiledModel:
@@ -216,12 +232,14 @@ def compile(model: nn.Module, target="auto", *, options: Options = Options(), bu
 
     Without a GPU, target "auto" means sm90a for the build, and the generated kernels run through Triton's
     interpreter on the CPU (set TRITON_INTERPRET=1 before importing dskc). The original model is not modified
-    unless inplace=True. Regions dskc cannot serve stay eager and are listed with the reason in `explain()`.
+    unless inplace=True. Regions dskc cannot serve stay eager and are listed with the reason in `explain()`. A model
+    computing in a dtype no kernel takes (float32 today) is refused here with a ValueError naming the fix.
     cuda_graphs: on a GPU, replay decode steps (one token per sequence) from CUDA graphs, one per batch size.
     capture / example_inputs: how regions are found, "module" (structure) or "dynamo" (FX graphs); see `plan`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dskc.compile takes an nn.Module, got {type(model).__name__}")
+    _check_dtype(model)
     if not torch.cuda.is_available():
         if not knobs.get().triton_interpret:
             raise RuntimeError("no CUDA GPU here: to run generated kernels on the CPU set TRITON_INTERPRET=1 before "

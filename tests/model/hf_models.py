@@ -47,6 +47,13 @@ CASES = {  # name -> (model_type, config overrides)
                                    kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64,
                                    n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4,
                                    topk_group=2, rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0})),
+    # the `tiny` named config's shapes (FP8, kv_lora_rank 512 + rope 64: the MLA kernels' head), 2 layers
+    "tiny-like": ("deepseek_v3", dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                                      num_hidden_layers=2, q_lora_rank=128, kv_lora_rank=512, qk_nope_head_dim=64,
+                                      qk_rope_head_dim=64, v_head_dim=64, n_routed_experts=16, n_shared_experts=2,
+                                      num_experts_per_tok=4, n_group=4, topk_group=2, max_position_embeddings=5120,
+                                      rope_parameters={**YARN, "factor": 40.0, "mscale": 1.0,
+                                                       "mscale_all_dim": 1.0})),
 }
 FP8_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
                "up_proj", "down_proj")
@@ -80,11 +87,14 @@ def build(case: str, seed: int = 0):
     return model
 
 
-def _set_weight(model, name: str, value: torch.Tensor) -> None:
-    """Write a stored (per-expert) tensor into the transformers model, whose experts are fused:
-    experts.gate_up_proj [E, 2I, H] = cat(gate_proj, up_proj) per expert, experts.down_proj [E, H, I]."""
+def _tensors(model) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def _set_weight(params: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    """Write a stored (per-expert) tensor into the transformers model's tensors (`_tensors(model)`), whose experts
+    are fused: experts.gate_up_proj [E, 2I, H] = cat(gate_proj, up_proj) per expert, experts.down_proj [E, H, I]."""
     parts = name.split(".")
-    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with torch.no_grad():
         if "experts" in parts and parts[parts.index("experts") + 1].isdigit():
             i = parts.index("experts")
@@ -108,9 +118,10 @@ def save(model, directory: Path, *, sharded: bool, fp8: bool = False, dtype: tor
         model.save_pretrained(directory, max_shard_size="64KB" if sharded else "10GB")
     else:   # a copy in `dtype` (the rotary frequencies of `model` stay float32), then `model` takes the rounded values
         copy.deepcopy(model).to(dtype).save_pretrained(directory, max_shard_size="64KB" if sharded else "10GB")
+        params = _tensors(model)
         for path in sorted(directory.glob("*.safetensors")):
             for name, w in load_file(str(path)).items():
-                _set_weight(model, name, w.float())
+                _set_weight(params, name, w.float())
     if fp8:
         _to_fp8_files(directory, model)
     return directory
@@ -125,22 +136,24 @@ def is_fp8_linear(name: str) -> bool:
 def fp8_round_trip(model, directory: Path) -> None:
     """Put dequant(quantize_weight(w)) into `model` for each FP8 Linear weight w stored (float) in `directory`:
     what a dskc model loaded with quantize="fp8" computes with."""
+    params = _tensors(model)
     for path in sorted(directory.glob("*.safetensors")):
         for name, w in load_file(str(path)).items():
             if is_fp8_linear(name):
-                _set_weight(model, name, weight_dequant(*quantize_weight(w), torch.float32))
+                _set_weight(params, name, weight_dequant(*quantize_weight(w), torch.float32))
 
 
 def _to_fp8_files(directory: Path, model) -> None:
     index_path = directory / "model.safetensors.index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else None
+    params = _tensors(model)
     for path in sorted(directory.glob("*.safetensors")):
         state = load_file(str(path))
         for name in list(state):
             if is_fp8_linear(name):
                 q, s = quantize_weight(state[name])
                 state[name], state[name + "_scale_inv"] = q, s
-                _set_weight(model, name, weight_dequant(q, s, torch.float32))
+                _set_weight(params, name, weight_dequant(q, s, torch.float32))
                 if index is not None:
                     index["weight_map"][name + "_scale_inv"] = path.name
         save_file(state, str(path), metadata={"format": "pt"})
@@ -151,6 +164,18 @@ def _to_fp8_files(directory: Path, model) -> None:
     cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                   "weight_block_size": [128, 128]}
     cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def save_tokenizer(directory: Path, words: list[str], vocab_size: int) -> None:
+    """A word-level tokenizer.json (the `tokenizers` package, built offline): id 0 is [UNK], then `words`, then
+    filler words w<id> up to vocab_size, so every id decodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    names = ["[UNK]", *words]
+    names += [f"w{i}" for i in range(len(names), vocab_size)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(names)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(directory / "tokenizer.json"))
 
 
 @torch.no_grad()
