@@ -225,8 +225,8 @@ def _run(args) -> int:
     if not torch.cuda.is_available():
         torch.set_num_threads(1)   # small matmuls on a shared CPU run faster on one thread
     device = "cuda" if torch.cuda.is_available() else None
+    prompts, decode = _prompts(args, cfg, weights)   # before the weights: a bad prompt fails fast
     model, what = _build_model(cfg, weights, args.seed, device)
-    prompts, decode = _prompts(args, cfg, weights)
     t0 = time.perf_counter()
     if args.from_dir:
         compiled = compiler.load(model, args.from_dir, inplace=True, manifest=manifest)

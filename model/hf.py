@@ -44,8 +44,7 @@ NULL_IS_ZERO = {"q_lora_rank": "q_lora_rank", "n_shared_experts": "n_shared_expe
 WITH_DEFAULT = {"rms_norm_eps": ("norm_eps", 1e-6)}
 # config field -> (values dskc implements, value when absent)
 FIXED = {"hidden_act": (("silu",), "silu"), "attention_bias": ((False,), False), "mlp_bias": ((False,), False),
-         "tie_word_embeddings": ((False,), False), "moe_layer_freq": ((1,), 1), "rope_interleave": ((True,), True),
-         "pretraining_tp": ((1,), 1), "dense_replace_layers": ((None,), None)}
+         "tie_word_embeddings": ((False,), False), "moe_layer_freq": ((1,), 1), "rope_interleave": ((True,), True)}
 # per model type: topk_method / scoring_func / norm_topk_prob values its modelling implements, default first
 ROUTING = {
     "deepseek_v2": {"topk_method": ("greedy", "group_limited_greedy"), "scoring_func": ("softmax",),
@@ -55,7 +54,7 @@ ROUTING = {
 # read by the functions below
 HANDLED = {"model_type", "topk_method", "scoring_func", "norm_topk_prob", "n_group", "topk_group",
            "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings", "quantization_config",
-           "num_nextn_predict_layers", "num_key_value_heads", "head_dim", "qk_head_dim"}
+           "num_key_value_heads", "head_dim", "qk_head_dim"}
 # config field -> why it does not change inference
 IGNORED = {
     "architectures": "metadata", "auto_map": "remote-code pointers", "transformers_version": "metadata",
@@ -64,7 +63,10 @@ IGNORED = {
     "aux_loss_alpha": "training loss", "seq_aux": "training loss", "output_router_logits": "training loss",
     "router_aux_loss_coef": "training loss", "ep_size": "expert-parallel layout of the remote code",
     "attention_dropout": "training only", "bos_token_id": "tokenizer id", "eos_token_id": "tokenizer id (dskc "
-    "run stops there)", "pad_token_id": "tokenizer id", "num_mtp_layers": "multi-token prediction (unused)",
+    "run stops there)", "pad_token_id": "tokenizer id", "pretraining_tp": "pre-training's tensor-parallel degree; "
+    "DeepSeek's modelling does not read it", "num_nextn_predict_layers": "the multi-token-prediction layers, "
+    "stored as layers num_hidden_layers..: skipped on load with a log line", "num_mtp_layers": "the same "
+    "(transformers' alias)",
 }
 FP8_QUANT = {"quant_method": ("fp8",), "fmt": ("e4m3", None), "activation_scheme": ("dynamic", None),
              "weight_block_size": ([128, 128],), "scale_fmt": (None, "ue8m0"), "modules_to_not_convert": (None, []),
