@@ -32,9 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", help="comma-separated stems (default: every stem the model maps)")
     p.add_argument("--problem", action="append", default=[], help="explicit problem as JSON (repeatable)")
     p.add_argument("--tokens", help="comma-separated token counts for --model (default 1,16,64,256,1024,4096)")
-    p.add_argument("--trials", type=int, default=32, help="finished trials per study (total, across resumes)")
+    p.add_argument("--trials", type=int, default=32, help="planned trials per study (total, across resumes and "
+                                                          "machines)")
     p.add_argument("--workers", type=int, default=1, help="worker processes sharing the storage")
-    p.add_argument("--storage", help="SQLAlchemy URL or sqlite file (default: <cache>/autotune/optuna.db)")
+    p.add_argument("--storage", help="sqlite file, SQLAlchemy URL (postgresql://user@host/db to share a server "
+                                     "between machines) or journal:PATH (a journal file on a shared folder, NFS-safe); "
+                                     "default: <cache>/autotune/optuna.db")
     p.add_argument("--timing", choices=("model", "gpu", "auto"), default="auto")
     p.add_argument("--sampler", default="tpe")
     p.add_argument("--seed", type=int, default=None)

@@ -17,6 +17,7 @@ from pathlib import Path
 import optuna
 
 from dskc.arch import parse
+from dskc.autotune.slots import SLOT, live
 from dskc.select import tuned
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
@@ -49,9 +50,10 @@ def results(storage, arch=None, stems=None) -> list[StudyResult]:
         if not key or (arch_name and key["arch"] != arch_name) or (stems and key["stem"] not in stems):
             continue
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        trials = study.get_trials(deepcopy=False)
+        trials = live(study.get_trials(deepcopy=False))    # a dead worker's attempt, retried, does not count
         done = [t for t in trials if t.state == COMPLETE]
-        best = min(done, key=lambda t: t.value) if done else None
+        # ties go to the earlier planned trial (seeds come first), whichever worker ran it and when
+        best = min(done, key=lambda t: (t.value, t.user_attrs.get(SLOT, t.number))) if done else None
         default = next((t.value for t in done if t.user_attrs.get("seed") == "default"), None)
         counts = {}
         for t in trials:

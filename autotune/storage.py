@@ -1,18 +1,23 @@
-"""Where studies live: Optuna RDB storage, an SQLite file by default, any SQLAlchemy URL for a shared server.
+"""Where studies live: an SQLite file by default, any SQLAlchemy URL (a PostgreSQL server for several machines), or
+an Optuna journal file (`journal:PATH`, for a shared file system such as NFS where SQLite's locks are unsafe).
 
-Several worker processes share one storage and cooperate on one study; a heartbeat marks the trials of a killed
-worker FAIL once `grace_s` passes (a finished trial cannot take a user attr; the retry that re-enqueues its config
-carries system_attrs["failed_trial"] = its id), so a killed session resumes where it stopped.
+    <path> or sqlite:///<path>          one machine (or several processes on it)
+    postgresql://user@host:port/db      several machines on one server (pip install psycopg2-binary)
+    journal:<path>                      several machines on one shared folder (Optuna's JournalFileBackend with its
+                                        NFS-safe lock: a link(2)-created lock file)
+
+Liveness of trials is dskc's own (autotune/slots.py: a heartbeat counter in the trial's system attributes), the same
+on every storage; `fail_if_running` is the one step that must be atomic across processes for it.
 """
 from __future__ import annotations
 
-import inspect
-import warnings
 from pathlib import Path
 
 import optuna
 
 from dskc import knobs
+
+JOURNAL = "journal:"
 
 
 class StorageError(RuntimeError):
@@ -25,47 +30,43 @@ def default_url() -> str:
 
 
 def normalize_url(url: str | Path | None) -> str:
-    """A SQLAlchemy URL from a URL, a plain file path (-> sqlite) or None (-> default_url())."""
+    """A storage URL from a URL, `journal:PATH`, a plain file path (-> sqlite) or None (-> default_url())."""
     if url is None or url == "":
         return default_url()
     url = str(url)
+    if url.startswith(JOURNAL):
+        return JOURNAL + str(Path(url[len(JOURNAL):]).expanduser().resolve())
     if "://" not in url:
         return f"sqlite:///{Path(url).expanduser().resolve()}"
     return url
 
 
-def open_storage(url: str | Path | None = None, heartbeat_s: int = 5, grace_s: int = 20) -> optuna.storages.RDBStorage:
-    """Open (creating if needed) the RDB storage at `url`. Raises StorageError with the URL and the cause."""
+def open_storage(url: str | Path | None = None):
+    """Open (creating if needed) the storage at `url`. Raises StorageError with the URL and the cause."""
     url = normalize_url(url)
+    if url.startswith(JOURNAL):
+        return _open_journal(Path(url[len(JOURNAL):]))
     kwargs = {}
     if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):])
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(f"cannot create the folder of tuning database {path}: {exc}") from exc
+        _make_parent(Path(url[len("sqlite:///"):]))
         # isolation_level=None: pysqlite stops opening transactions itself (it did so only before a write, so
         # Optuna's read-check-write of a WAITING trial was not atomic and two workers could both run one enqueued
         # trial: optuna/optuna#4621); _serialize_sqlite_writes then starts every transaction with BEGIN IMMEDIATE.
         kwargs = {"connect_args": {"timeout": 120, "isolation_level": None}}
-    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
-        optuna.storages.RetryFailedTrialCallback
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = retry_cls(max_retry=1, inherit_intermediate_values=False)
-    params = inspect.signature(optuna.storages.RDBStorage).parameters
-    cb_name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else \
-        "failed_trial_callback"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
-                                                 grace_period=grace_s, **{cb_name: retry})
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except Exception as exc:  # SQLAlchemy raises many types (ArgumentError, OperationalError, ModuleNotFound...)
         raise StorageError(f"cannot open tuning database {url!r}: {type(exc).__name__}: {exc}") from exc
     if url.startswith("sqlite:"):
         _serialize_sqlite_writes(storage.engine)
     return storage
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create the folder of tuning database {path}: {exc}") from exc
 
 
 def _serialize_sqlite_writes(engine) -> None:
@@ -76,3 +77,48 @@ def _serialize_sqlite_writes(engine) -> None:
 
     event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
     engine.dispose()
+
+
+class JournalStorage(optuna.storages.JournalStorage):
+    """Optuna's journal storage over one file, plus the lock file that makes `fail_if_running` atomic."""
+
+    def __init__(self, path: Path):
+        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+        super().__init__(JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path))))
+        self.path = path
+        self._fail_lock = JournalFileSymlinkLock(f"{path}.fail")
+
+    def fail_if_running(self, trial_id: int) -> bool:
+        """Under the lock every dskc worker takes for this step: FAIL the trial if it is still RUNNING. (The
+        journal itself records a second FAIL of a finished trial and ignores it on replay, without telling the
+        writer, so two workers would both think they had failed it and both retry it.)"""
+        from optuna.storages.journal._file import get_lock_file
+
+        with get_lock_file(self._fail_lock):
+            if self.get_trial(trial_id).state != optuna.trial.TrialState.RUNNING:   # get_trial re-reads the log
+                return False
+            self.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+            # the owner may have told its result (without this lock) between the check and the write: the log's
+            # order decides, and a finished trial ignores what comes after
+            return self.get_trial(trial_id).state == optuna.trial.TrialState.FAIL
+
+
+def _open_journal(path: Path) -> JournalStorage:
+    _make_parent(path)
+    try:
+        return JournalStorage(path)
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"cannot open tuning journal {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def fail_if_running(storage, trial_id: int) -> bool:
+    """Mark a RUNNING trial FAIL, atomically across processes; False when it had already finished (another worker
+    failed it first, or its owner told its result). RDB: the row is locked (FOR UPDATE; BEGIN IMMEDIATE on
+    SQLite) and a finished trial raises; journal: JournalStorage.fail_if_running."""
+    if isinstance(storage, JournalStorage):
+        return storage.fail_if_running(trial_id)
+    try:
+        return storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False

@@ -1,9 +1,13 @@
 """One Optuna study per StudyKey (stem, arch, dtype, shape bucket, toolchain, timing mode, template hash, extras).
 
 `Task` holds everything a worker needs (JSON-serialisable, so worker subprocesses get it on the command line).
-`prepare(task)` creates or loads the study and enqueues the seeds (the coordinator calls it once); `work(task)` runs
-trials until the study holds `task.n_trials` finished trials (COMPLETE + PRUNED + FAIL), so several workers on one
-storage cooperate, and a killed session resumes where it stopped.
+`prepare(task)` creates or loads the study and enqueues its plan: `task.n_trials` planned trials, seeds first
+(the coordinator calls it once; coordinators on several machines may call it at once: the one that creates the
+study plans it, the others wait for the plan). `work(task)` drains the planned trials (slots.Worker): several
+workers on one storage cooperate, a dead worker's trial is run again by another, and a killed session resumes
+where it stopped. Samplers that do not learn from results ("random", "qmc") have their whole plan drawn up front
+(distinct configs that meet the constraints), so the same seed gives the same trials and the same winner however
+the workers are scheduled or fail; the others fill each slot when a worker takes it.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 
 import optuna
 
@@ -18,12 +23,14 @@ from dskc.arch import parse
 from dskc.build.triton_xc import toolchain
 from dskc.autotune import seeds as seeds_mod
 from dskc.autotune.objective import ModelTimer, Objective, TrialFailed, default_tensor_cores
-from dskc.autotune.space import bucket, bucket_kinds, check_problem, feasible_configs, load_space
+from dskc.autotune.space import bucket, bucket_kinds, check_problem, feasible_configs, load_space, suggest, violated
+from dskc.autotune import slots
 from dskc.autotune.storage import open_storage
 
 log = logging.getLogger("dskc.autotune")
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
+PLANNED = ("random", "qmc")   # samplers whose draws do not depend on results: the whole plan is drawn up front
+PLAN_WAIT_S = 60              # how long a second coordinator waits for the first one's plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +63,7 @@ class Task:
     timing: str = "model"    # "model" | "gpu"
     sampler: str = "tpe"
     seed: int | None = None
-    n_trials: int = 32       # finished trials the study should hold
+    n_trials: int = 32       # planned trials of the study (total, across resumes)
     extras: tuple = ()
     imported_seeds: tuple = ()   # configs from vLLM/SGLang files (already mapped onto the space)
     heartbeat_s: int = 5
@@ -141,22 +148,30 @@ def make_sampler(name: str, seed: int | None):
 
 
 def _load(task: Task, create: bool):
+    """(study, key, timer, created): `create` makes the study when it does not exist yet (created=True then)."""
     timer = make_timer(task.timing, resolve_routing(task.routing, task.problem) if task.timing == "gpu" else None)
     key = make_key(task, timer)
-    storage = open_storage(task.storage, task.heartbeat_s, task.grace_s)
+    storage = open_storage(task.storage)
     sampler = make_sampler(task.sampler, task.seed)
+    created = False
     if create:
-        study = optuna.create_study(storage=storage, sampler=sampler, study_name=key.study_name,
-                                    direction="minimize", load_if_exists=True)
-    else:
+        try:
+            study = optuna.create_study(storage=storage, sampler=sampler, study_name=key.study_name,
+                                        direction="minimize")
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            pass
+    if not created:
         study = optuna.load_study(storage=storage, sampler=sampler, study_name=key.study_name)
-    return study, key, timer
+    return study, key, timer, created
 
 
 def prepare(task: Task) -> tuple[optuna.Study, StudyKey]:
-    """Create (or load) the task's study, record its key and problem, enqueue the seeds once. Coordinator only.
+    """Create (or load) the task's study, record its key and problem, enqueue its plan. Coordinator only.
 
     Checked before the database is touched: the stem, arch, problem, sampler, and that some config is feasible.
+    A study planned for fewer trials is extended to task.n_trials (do that from one machine: two coordinators
+    extending one study at once would both add the missing slots).
     """
     space = load_space(task.stem)
     make_sampler(task.sampler, task.seed)
@@ -165,34 +180,81 @@ def prepare(task: Task) -> tuple[optuna.Study, StudyKey]:
     seeds = seeds_mod.seed_configs(space, key.arch, bucketed, list(task.imported_seeds))
     if not seeds or not feasible_configs(space, bucketed):
         raise ValueError(f"{space.stem}: no config of the space meets its constraints for {bucketed}; nothing to tune")
-    study, key, timer = _load(task, create=True)
-    if "key" not in study.user_attrs:
+    study, key, timer, created = _load(task, create=True)
+    if created:
         study.set_user_attr("key", dataclasses.asdict(key))
         study.set_user_attr("problem", bucketed)
         study.set_user_attr("buckets", bucket_kinds(space))
         study.set_user_attr("gpu", getattr(timer, "gpu_name", "none (model)"))
-    for label, params in seeds:
-        study.enqueue_trial(params, user_attrs={"seed": label}, skip_if_exists=True)
+        planned = 0
+    else:
+        planned = _wait_for_plan(study)
+    if task.n_trials > planned:
+        _enqueue_plan(study, task, space, bucketed, seeds, planned)
+        study.set_user_attr("planned", task.n_trials)   # last: the plan is complete once this is set
     return study, key
 
 
+def _wait_for_plan(study: optuna.Study) -> int:
+    """The study's planned trial count, once its creator (maybe on another machine) has written it."""
+    deadline = time.monotonic() + PLAN_WAIT_S
+    while "planned" not in study.user_attrs:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"study {study.study_name} has no plan {PLAN_WAIT_S} s after it was created: its "
+                               "coordinator died while planning; delete the study (optuna delete-study) and rerun")
+        time.sleep(0.5)
+    return int(study.user_attrs["planned"])
+
+
+def _enqueue_plan(study, task: Task, space, problem: dict, seeds: list, start: int) -> None:
+    """Enqueue slots start..n_trials-1: the seeds not yet planned first, then configs drawn up front (PLANNED
+    samplers; fewer slots when the feasible space runs out) or empty slots the sampler fills later."""
+    items = list(seeds[start:])
+    wanted = task.n_trials - start
+    if task.sampler in PLANNED:
+        taken = [p for _, p in seeds] + [t.system_attrs.get("fixed_params", t.params)
+                                         for t in study.get_trials(deepcopy=False)]
+        items += [(None, p) for p in draw_plan(space, problem, task.sampler, task.seed, wanted - len(items), taken)]
+        if len(items) < wanted:
+            log.warning("%s: the space holds only %d more feasible configs; planned %d trials, not %d",
+                        space.stem, len(items), start + len(items), task.n_trials)
+    else:
+        items += [(None, {})] * (wanted - len(items))
+    for slot, (label, params) in enumerate(items[:wanted], start):
+        attrs = {slots.SLOT: slot, **({"seed": label} if label else {})}
+        study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
+
+
+def draw_plan(space, problem: dict, sampler: str, seed: int | None, count: int, taken: list) -> list[dict]:
+    """Up to `count` distinct params drawn by `sampler` (in memory) that meet the constraints and are not in
+    `taken`; the same (sampler, seed, taken) gives the same list. Fewer when the feasible space runs out."""
+    memory = optuna.create_study(sampler=make_sampler(sampler, seed))
+    out, seen = [], [dict(p) for p in taken]
+    for _ in range(50 * max(count, 0)):
+        if len(out) >= count:
+            break
+        trial = memory.ask()
+        config = suggest(trial, space)
+        memory.tell(trial, 0.0)
+        if violated(space, config, problem) is None and trial.params not in seen:
+            seen.append(dict(trial.params))
+            out.append(dict(trial.params))
+    return out
+
+
 def finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    """Planned trials that finished (a dead worker's attempt, superseded by its retry, does not count)."""
+    return slots.finished(study)
 
 
 def work(task: Task) -> int:
-    """Run trials until the study holds task.n_trials finished ones. Returns the trials this call finished."""
-    study, key, timer = _load(task, create=False)
+    """Drain the study's planned trials (with any other workers on it). Returns the trials this call finished."""
+    study, key, timer, _ = _load(task, create=False)
     space = load_space(task.stem)
     problem = dict(key.bucket)
-    before = finished(study)
-    if before >= task.n_trials:
-        return 0
     default = seeds_mod.default_config(space, key.arch)
     objective = Objective(space, problem, key.arch, timer, default_tensor_cores(space, problem, key.arch, default))
-    stop = optuna.study.MaxTrialsCallback(task.n_trials, states=FINISHED)
-    study.optimize(objective, catch=(TrialFailed,), callbacks=[stop], n_trials=task.n_trials - before)
-    return finished(study) - before
+    return slots.Worker(study, task.heartbeat_s, task.grace_s, failures=(TrialFailed,)).drain(objective)
 
 
 def run(task: Task) -> optuna.Study:

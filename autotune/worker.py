@@ -1,6 +1,6 @@
-"""A tuning worker process: `python -m dskc.autotune.worker '<Task JSON>'` runs trials of the task's study until
-it holds task.n_trials finished trials. Several workers on one storage cooperate (the coordinator prepares the
-study and enqueues the seeds first)."""
+"""A tuning worker process: `python -m dskc.autotune.worker '<Task JSON>'` runs the planned trials of the task's
+study until none is left (slots.Worker.drain). Several workers on one storage, on one machine or several,
+cooperate; the coordinator (`dskc tune`, study.prepare) plans the study first."""
 from __future__ import annotations
 
 import sys

@@ -37,10 +37,10 @@ def test_space_buckets_and_encoding():
 
 
 def test_study_prunes_at_compile_time_exports_and_compiler_reads(tmp_path, caplog):
-    task = _task(tmp_path)
+    task = _task(tmp_path, n_trials=13)
     study, key = prepare(task)
     bad = encode(load_space("probe_stem"), {**probe_stem.SPILLING, "BLOCK_M": 64})   # breaks the constraint
-    study.enqueue_trial(bad, user_attrs={"seed": "test-infeasible"})
+    study.enqueue_trial(bad, user_attrs={"seed": "test-infeasible"})   # 13 planned + this one: 14 trials run
     study = run(task)
     trials = study.get_trials()
     assert len(trials) == 14 and trials[0].user_attrs["seed"] == "default"

@@ -1,12 +1,14 @@
-"""Several processes on one SQLite storage: a killed worker's session resumes, two workers share one study."""
-import signal
+"""Several processes on one SQLite storage: two workers share one study (a killed worker, on SQLite, a journal file
+and PostgreSQL: tests/reliability/test_shared_tuning.py), enqueued trials are popped once, a dead worker's trial
+is taken over."""
 import subprocess
 import time
 
 import optuna
 import pytest
 
-from dskc.autotune import Task, open_storage, prepare, work
+from dskc.autotune import Task, open_storage, prepare, slots
+from dskc.autotune.slots import SLOT, WORKER
 from dskc.autotune.study import finished
 
 PROBLEM = {"M": 77, "N": 190, "K": 128}
@@ -14,7 +16,7 @@ States = optuna.trial.TrialState
 
 
 def _task(tmp_path, n):
-    return Task("probe_stem", PROBLEM, "sm90a", str(tmp_path / "w.db"), n_trials=n, seed=1, heartbeat_s=1, grace_s=2)
+    return Task("probe_stem", PROBLEM, "sm90a", str(tmp_path / "w.db"), n_trials=n, seed=1, heartbeat_s=1, grace_s=3)
 
 
 def _spawn(python, task, env):
@@ -22,66 +24,49 @@ def _spawn(python, task, env):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def _has_heartbeat(study, trial_id) -> bool:
-    """Optuna only fails a stale RUNNING trial that has a heartbeat row; a worker killed before its heartbeat
-    thread first wrote one (a window that grows on a loaded machine) leaves the trial RUNNING for good."""
-    engine = getattr(study._storage, "_backend", study._storage).engine
-    with engine.connect() as conn:
-        return conn.exec_driver_sql("SELECT 1 FROM trial_heartbeats WHERE trial_id = ?", (trial_id,)).first() \
-            is not None
-
-
-def _wait_for(study, count, proc, limit_s=90, running=False):
-    deadline = time.monotonic() + limit_s
-    def in_trial():  # a trial past its suggestions and heartbeating: the worker sits in the (slow) build step
-        return any(len(t.params) == 5 and _has_heartbeat(study, t._trial_id)
-                   for t in study.get_trials(states=(States.RUNNING,)))
-    while finished(study) < count or (running and not in_trial()):
-        assert proc.poll() is None, f"worker exited early: {proc.stderr.read()[-2000:]}"
-        assert time.monotonic() < deadline, "worker made no progress"
-        time.sleep(0.02)
-
-
-@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
-def test_killed_worker_resumes_and_trial_count_continues(tmp_path, python, worker_env):
-    task = _task(tmp_path, 10)
-    study, key = prepare(task)
-    proc = _spawn(python, task, {**worker_env, "PROBE_STEM_DELAY_S": "0.5"})
-    _wait_for(study, 3, proc, running=True)
-    proc.send_signal(signal.SIGKILL)          # mid-trial: each trial of this worker lasts >= 0.5 s
-    proc.wait()
-    cut = study.get_trials()
-    before = {t.number: (t.state, t.value) for t in cut if t.state in (States.COMPLETE, States.PRUNED)}
-    killed = [t.number for t in cut if t.state == States.RUNNING]
-    assert 3 <= len(before) < 10 and len(killed) == 1
-    time.sleep(task.grace_s + 0.5)            # let the dead worker's heartbeat go stale
-    work(task)                                # the resumed session (here: in this process)
-    trials = optuna.load_study(study_name=key.study_name, storage=open_storage(task.storage)).get_trials()
-    assert [t.number for t in trials] == list(range(len(trials)))
-    assert finished(study) >= 10 and not [t for t in trials if t.state == States.RUNNING]
-    for t in trials:                          # nothing finished before the kill was lost or changed
-        if t.number in before:
-            assert (t.state, t.value) == before[t.number]
-    assert trials[killed[0]].state == States.FAIL
-    retried = [optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) for t in trials]
-    assert retried.count(killed[0]) == 1      # its config was enqueued again and ran
-    assert trials[retried.index(killed[0])].params == trials[killed[0]].params
-
-
 def test_two_workers_share_one_study_without_losing_or_duplicating(tmp_path, python, worker_env):
-    task = _task(tmp_path, 16)
+    """TPE (adaptive: each empty slot is filled when a worker takes it): exactly the planned trials, none twice."""
+    task = _task(tmp_path, 12)
     study, key = prepare(task)
     procs = [_spawn(python, task, worker_env) for _ in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=150)
         assert p.returncode == 0, err[-2000:]
     trials = optuna.load_study(study_name=key.study_name, storage=open_storage(task.storage)).get_trials()
-    assert [t.number for t in trials] == list(range(len(trials)))
-    assert 16 <= len(trials) <= 17                                   # each worker may finish one in flight
+    assert [t.number for t in trials] == list(range(12))            # no worker ran past the plan
+    assert sorted(t.user_attrs[SLOT] for t in trials) == list(range(12))
     assert all(t.state in (States.COMPLETE, States.PRUNED) for t in trials)
-    assert len({t._trial_id for t in trials}) == len(trials)
+    assert len({t.system_attrs[WORKER] for t in trials}) == 2       # both took trials
     seeds = [t for t in trials if "seed" in t.user_attrs]
     assert [t.user_attrs["seed"] for t in seeds].count("default") == 1   # seeds ran once, not once per worker
+    assert finished(study) == 12
+
+
+def test_a_silent_trial_is_taken_over_once(tmp_path):
+    """A RUNNING trial whose heartbeat stands still for grace_s: one of two reapers FAILs it and re-enqueues its
+    config once (the other sees it finished); a beating trial is left alone; a second death leaves it FAIL."""
+    storage = open_storage(str(tmp_path / "r.db"))
+    study = optuna.create_study(study_name="reap", storage=storage)
+    study.enqueue_trial({"x": 3}, user_attrs={SLOT: 0})
+    study.enqueue_trial({"x": 4}, user_attrs={SLOT: 1})
+    dead, alive = slots.Worker(study, 1, 3), slots.Worker(study, 1, 3)
+    t_dead, t_alive = dead.pop(), alive.pop()
+    for tid in (t_dead, t_alive):
+        optuna.Trial(study, tid).suggest_int("x", 0, 10)
+    reapers = [slots.Worker(study, 1, 3), slots.Worker(study, 1, 3)]
+    with slots.heartbeat(storage, t_alive, 1):
+        assert [r.reap() for r in reapers] == [[], []]               # first look: nothing is stale yet
+        time.sleep(3.2)
+        assert [r.reap() for r in reapers] == [[0], []]              # one reaper wins; the beating trial stays
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [States.FAIL, States.RUNNING, States.WAITING]
+    assert trials[2].params == {"x": 3} and trials[2].user_attrs[SLOT] == 0
+    assert trials[2].system_attrs["retry_history"] == [0]
+    assert slots.live(trials) == trials[1:]
+    retry_id = reapers[0].pop()
+    assert retry_id == trials[2]._trial_id and reapers[1].pop() is None
+    assert slots.fail_if_running(storage, retry_id) and not slots.fail_if_running(storage, retry_id)
+    assert not slots.retry(study, storage.get_trial(retry_id))      # died twice: left FAIL, no third attempt
 
 
 _RACE_WORKER = """
