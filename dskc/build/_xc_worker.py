@@ -12,6 +12,7 @@ import sys
 import tempfile
 import traceback
 
+from dskc.build.cache import ENVIRONMENT_ERRNOS
 from dskc.build.triton_xc import parse_resource_usage, parse_spills, tensor_core_ops
 
 
@@ -75,8 +76,9 @@ def _compile_one(spec: dict, cc: int, suffix: str, workdir: str) -> dict:
                       "kernel.json": meta_json}, "meta": meta}
 
 
-def main() -> None:
-    req = json.loads(sys.stdin.read())
+def compile_all(req: dict) -> list[dict]:
+    """One result per spec: {"files", "meta"}, {"error"} (the kernel does not build) or {"environment"} (the
+    scratch folder is full or not writable: no verdict on the kernel; the caller raises cache.CacheError)."""
     cc, suffix = req["arch"]
     workdir = req["workdir"]  # the caller's temporary folder: it removes it after publishing the builds
     results = []
@@ -84,8 +86,17 @@ def main() -> None:
         try:
             results.append(_compile_one(spec, cc, suffix, workdir))
         except Exception as exc:  # a failing config is a result, not a crash
-            results.append({"error": f"{type(exc).__name__}: {exc}"[:4000],
-                            "trace": traceback.format_exc()[-2000:]})
+            if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+                results.append({"environment": f"cannot write build files in {workdir}: {exc}; free space or "
+                                               "point TMPDIR at a writable folder with room"})
+            else:
+                results.append({"error": f"{type(exc).__name__}: {exc}"[:4000],
+                                "trace": traceback.format_exc()[-2000:]})
+    return results
+
+
+def main() -> None:
+    results = compile_all(json.loads(sys.stdin.read()))
     sys.stdout.write("\n" + json.dumps(results) + "\n")
 
 

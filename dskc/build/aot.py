@@ -5,19 +5,22 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
+from dskc.build import cache
 from dskc.build.triton_xc import CompileError, toolchain
 
 MANIFEST_VERSION = 2   # 2: each Triton kernel ships Triton's metadata JSON and its launch specialisation
 
 
 def _copy(src: str | Path, out: Path, stem: str, ext: str) -> tuple[str, str]:
-    """Copy src into out/kernels/ under a content name; returns (relative file, sha256)."""
-    digest = hashlib.sha256(Path(src).read_bytes()).hexdigest()
+    """Copy a build cache file into out/kernels/ under a content name; returns (relative file, sha256). The bytes
+    are checked against the cache entry's manifest as they are read, and the same bytes are hashed and written
+    (a cache file changed since its build is an error, never shipped)."""
+    data = cache.read_verified(Path(src).parent, Path(src).name)
+    digest = hashlib.sha256(data).hexdigest()
     name = f"kernels/{stem}-{digest[:16]}.{ext}"
-    shutil.copyfile(src, out / name)
+    (out / name).write_bytes(data)
     return name, digest
 
 
@@ -73,28 +76,53 @@ def write(plan, out_dir: str | Path, model_config: dict | None = None) -> Path:
 
 def verify(out_dir: str | Path) -> dict:
     """Read a manifest back and check every shipped file against its hash; raises ValueError naming a bad file
-    (or a missing / unreadable manifest, or one written by an incompatible dskc)."""
+    (or a missing / unreadable / malformed manifest, one written by an incompatible dskc, or a file it names
+    outside DIR/kernels)."""
     out = Path(out_dir)
     path = out / "manifest.json"
     if not path.is_file():
         raise ValueError(f"{out} holds no manifest.json: not a `dskc compile --out` directory")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}): corrupt or edited") from None
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{path} has manifest version {manifest.get('version')}, this dskc reads "
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        version = manifest.get("version") if isinstance(manifest, dict) else None
+        raise ValueError(f"{path} has manifest version {version}, this dskc reads "
                          f"{MANIFEST_VERSION}: compile it again with `dskc compile --out`")
-    for k in manifest["kernels"]:
-        for file_key, sha_key in (("file", "sha256"), ("metadata", "metadata_sha256")):
-            if file_key not in k:
-                continue
-            f = out / k[file_key]
-            if not f.is_file():
-                raise ValueError(f"{f} is listed in the manifest but missing")
-            if hashlib.sha256(f.read_bytes()).hexdigest() != k[sha_key]:
-                raise ValueError(f"{k[file_key]} does not match its manifest hash (corrupt or edited)")
+    kernels = manifest.get("kernels")
+    if not isinstance(kernels, list) or not all(isinstance(k, dict) for k in kernels):
+        raise ValueError(f"{path} is malformed: 'kernels' is not a list of kernel records")
+    for i, k in enumerate(kernels):
+        for file_key, sha_key in _files_of(k, i, path):
+            _check_file(out, k[file_key], k[sha_key], f"{path} kernel {i}")
     return manifest
+
+
+def _files_of(k: dict, i: int, path: Path) -> list[tuple[str, str]]:
+    """The (file, hash) fields a kernel record must carry: a Triton kernel its cubin, metadata and launch record,
+    a CUTLASS one its library."""
+    pairs = [("file", "sha256")]
+    need = ["file", "sha256"]
+    if k.get("backend", "triton") == "triton":
+        pairs.append(("metadata", "metadata_sha256"))
+        need += ["metadata", "metadata_sha256", "launch"]
+    missing = [f for f in need if f not in k]
+    if missing:
+        raise ValueError(f"{path} is malformed: kernel {i} ({k.get('kernel', '?')}) lacks {missing}")
+    return pairs
+
+
+def _check_file(out: Path, rel, digest, where: str) -> None:
+    if not isinstance(rel, str) or not isinstance(digest, str):
+        raise ValueError(f"{where}: file {rel!r} / hash {digest!r} are not strings")
+    f = (out / rel).resolve()
+    if not f.is_relative_to((out / "kernels").resolve()):
+        raise ValueError(f"{where}: {rel!r} lies outside {out / 'kernels'}; refusing it")
+    if not f.is_file():
+        raise ValueError(f"{out / rel} is listed in the manifest but missing")
+    if hashlib.sha256(f.read_bytes()).hexdigest() != digest:
+        raise ValueError(f"{rel} does not match its manifest hash (corrupt or edited)")
 
 
 def config_dict(args) -> dict:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import hashlib
 import importlib.metadata
+import os
 import re
 import shutil
 import subprocess
@@ -167,6 +169,8 @@ def _compile(job: NvccJob, tmp: Path) -> dict:
         raise _BuildError("timeout", f"nvcc ran past DSKC_COMPILE_TIMEOUT={knobs.get().compile_timeout_s:g} s") \
             from exc
     if proc.returncode != 0 or not lib.is_file():
+        if os.strerror(errno.ENOSPC) in proc.stderr + proc.stdout:   # the disk, not the kernel: cache.CacheError
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
         raise _BuildError("nvcc", f"nvcc exited {proc.returncode}: {summarize_errors(proc.stderr + proc.stdout)}")
     kernels = parse_ptxas(proc.stderr + proc.stdout)
     sass = subprocess.run([cuobjdump(), "--dump-sass", str(lib)], capture_output=True, text=True)
@@ -200,7 +204,8 @@ def _result(job: NvccJob, entry: Path, seconds: float, cached: bool) -> NvccBuil
 
 
 def build_one(job: NvccJob, tools: tuple) -> NvccBuild | NvccFailure:
-    """Build (or fetch from the cache) one job; a failure comes back as an NvccFailure, never raised."""
+    """Build (or fetch from the cache) one job; a failure comes back as an NvccFailure, never raised. A cache that
+    cannot be written (no permission, the disk full) raises cache.CacheError: no verdict on the kernel."""
     start = time.monotonic()
     try:
         entry, hit = cache.get_or_build(cache_key(job, tools), lambda tmp: _compile(job, tmp))

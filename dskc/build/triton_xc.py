@@ -8,6 +8,7 @@ native builds never mix, and a crashing build cannot take the caller down), are 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -104,25 +105,51 @@ def _key(spec: CompileSpec, arch: Arch) -> cache.CacheKey:
 
 
 def compile_kernels(specs: list[CompileSpec], arch: str | Arch) -> list[KernelReport | CompileError]:
-    """Compile each spec for `arch` (cached). A failing spec yields a CompileError in its slot, never a raise."""
+    """Compile each spec for `arch` (cached). A failing spec yields a CompileError in its slot, never a raise.
+
+    Raises cache.CacheError when the build cache or the scratch folder cannot be written (no permission, the disk
+    full): that is the machine's fault, not the kernel's. Processes compiling the same kernels at once build each
+    one once: the misses are built under their cache keys' locks, after a second lookup."""
     arch = parse(arch)
     out: list = [None] * len(specs)
+    todo = _fill_hits(specs, range(len(specs)), arch, out)
+    if todo:
+        with cache.lock([_key(specs[i], arch) for i in todo]):
+            todo = _fill_hits(specs, todo, arch, out)     # built by another process while we waited
+            if todo:
+                cache.check_writable("triton")            # before a build is spent
+                with _scratch() as workdir:               # the worker's files, gone once published
+                    _publish_results(specs, todo, _run_worker([specs[i] for i in todo], arch, workdir), arch, out)
+    return out
+
+
+def _fill_hits(specs, indices, arch: Arch, out: list) -> list[int]:
+    """Put the report of every cached spec among `indices` in `out`; return the indices still to build."""
     todo = []
-    for i, spec in enumerate(specs):
-        entry = cache.lookup(_key(spec, arch))
+    for i in indices:
+        entry = cache.lookup(_key(specs[i], arch))
         if entry is not None:
-            out[i] = _report_from(entry, spec, arch)
+            out[i] = _report_from(entry, specs[i], arch)
         else:
             todo.append(i)
-    if todo:
-        with tempfile.TemporaryDirectory(prefix="dskc-xc-") as workdir:  # the worker's files, gone once published
-            _publish_results(specs, todo, _run_worker([specs[i] for i in todo], arch, workdir), arch, out)
-    return out
+    return todo
+
+
+@contextlib.contextmanager
+def _scratch():
+    try:
+        tmp = tempfile.TemporaryDirectory(prefix="dskc-xc-")
+    except OSError as exc:
+        raise cache.environment_error(exc, tempfile.gettempdir()) or exc
+    with tmp as workdir:
+        yield workdir
 
 
 def _publish_results(specs, todo, results, arch: Arch, out: list) -> None:
     """Move each successful build into the cache and put its report (or the CompileError) in `out`."""
     for i, res in zip(todo, results):
+        if "environment" in res:   # the worker could not write its files: no verdict on the kernel
+            raise cache.CacheError(res["environment"])
         if "error" in res:
             out[i] = CompileError(f"{specs[i].name} for {arch}: {res['error']}")
             continue
@@ -132,7 +159,7 @@ def _publish_results(specs, todo, results, arch: Arch, out: list) -> None:
             for fname, src in res["files"].items():
                 Path(tmp / fname).write_bytes(Path(src).read_bytes())
             return res["meta"]
-        entry, _ = cache.get_or_build(_key(specs[i], arch), _publish)
+        entry = cache.publish(_key(specs[i], arch), _publish)     # under the key's lock (compile_kernels)
         out[i] = _report_from(entry, specs[i], arch)
 
 

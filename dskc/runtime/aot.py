@@ -11,7 +11,9 @@ launch:
 - every constexpr equal, every argument type equal (an int the JIT specialised to the constant 1 is passed to the
   cubin as the runtime int it was built for);
 - every argument the cubin assumes 16-divisible is 16-divisible in this launch (the cubin may be less specialised
-  than a fresh JIT build would be: still correct).
+  than a fresh JIT build would be: still correct);
+- the cubin and metadata still match their manifest hashes when they are loaded (a file edited after `verify`
+  compiles here instead; Triton gets a private copy of the checked bytes).
 
 Anything else compiles as usual and is counted (`stats`), so `dskc run --from DIR` says how many kernels came from
 DIR and how many were compiled. Triton's metadata and launchers are version-specific: when the Triton that built DIR
@@ -21,6 +23,7 @@ Under TRITON_INTERPRET (a CPU) there is nothing to compile; `install` reports th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import logging
 from pathlib import Path
@@ -73,14 +76,21 @@ class _Hook:
         whys = []
         for i, e in enumerate(self.entries):
             why = mismatch(e["launch"], src, target, options, self.cc)
+            if why is None and i not in self._loaded:
+                kernel, why = self._compiled_kernel(e)
+                if kernel is not None:
+                    self._loaded[i] = kernel
             if why is None:
-                if i not in self._loaded:
-                    self._loaded[i] = self._compiled_kernel(e)
                 return self._loaded[i], None
             whys.append(why)
         return None, "; ".join(sorted(set(whys))) or "no shipped kernel"
 
     def _compiled_kernel(self, e: dict):
+        """(CompiledKernel, None) from a private copy of the shipped files whose bytes match the manifest's
+        hashes, or (None, why) when a file changed since the directory was verified: the launch then compiles
+        here (counted, logged) instead of running a cubin nobody checked."""
+        import tempfile
+
         from triton.compiler import ASTSource
         from triton.compiler.compiler import CompiledKernel
 
@@ -89,8 +99,16 @@ class _Hook:
         sig = {name: launch["signature"][name] for name in self.fn.arg_names}
         src = ASTSource(fn=self.fn, signature=sig, constexprs=dict(launch["constexprs"]),
                         attrs=attrs)
-        group = {"kernel.json": str(self.root / e["metadata"]), "kernel.cubin": str(self.root / e["file"])}
-        return CompiledKernel(src, group, e["sha256"])
+        with tempfile.TemporaryDirectory(prefix="dskc-aot-") as private:
+            group = {}
+            for rel, digest, name in ((e["metadata"], e["metadata_sha256"], "kernel.json"),
+                                      (e["file"], e["sha256"], "kernel.cubin")):
+                data = (self.root / rel).read_bytes()
+                if hashlib.sha256(data).hexdigest() != digest:
+                    return None, f"{rel} changed since {self.root} was verified (it does not match its hash)"
+                group[name] = str(Path(private) / name)
+                Path(group[name]).write_bytes(data)
+            return CompiledKernel(src, group, e["sha256"]), None     # reads both files now; checked bytes only
 
     def __call__(self, src, target=None, options=None, **kwargs):
         if self.serve:

@@ -8,15 +8,19 @@ The objective is the roofline MODEL (no GPU), the sampler "random" (its plan is 
 the same seed gives the same trials however workers are scheduled; an adaptive sampler's trials depend on timing
 even without a failure).
 """
+import errno
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
 
+import probe_stem
 from dskc import knobs
 from dskc.autotune import Task, export, open_storage, prepare, run
 from dskc.autotune.slots import BEAT, SLOT, WORKER, live
@@ -112,3 +116,40 @@ def test_a_killed_machine_loses_and_duplicates_nothing(kind, tmp_path, request, 
     for cache in ("machine-a", "machine-b"):                          # and built them in their own caches
         assert any((tmp_path / cache / "triton").iterdir())
     assert _export(url, tmp_path / "configs") == reference
+
+
+def test_a_full_disk_stops_the_worker_and_its_trial_runs_again(tmp_path, monkeypatch):
+    """The build cache cannot take a write (ENOSPC) in the middle of a study: the worker stops with the cache's
+    clear error and gives its trial back (FAIL, config enqueued again): the config is not recorded as failed.
+    With space again, the next worker finishes the plan."""
+    from dskc.build import cache, triton_xc
+    from dskc.autotune import results, work
+    from dskc.autotune.seeds import default_config
+    from dskc.autotune.space import load_space
+
+    task = Task("probe_stem", PROBLEM, "sm90a", str(tmp_path / "t.db"), sampler="random", seed=11, n_trials=3,
+                heartbeat_s=1, grace_s=3)
+    root = tmp_path / "cache"
+    real_write = Path.write_bytes
+
+    def full(self, data):
+        if root in self.parents:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write(self, data)
+    with knobs.scope(cache_dir=root):
+        study, key = prepare(task)
+        default = default_config(load_space("probe_stem"), "sm90a")
+        triton_xc.compile_kernels(probe_stem.compile_specs(PROBLEM, default), "sm90a")   # slot 0 (default) is warm
+        monkeypatch.setattr(Path, "write_bytes", full)
+        with pytest.raises(cache.CacheError, match="the disk is full"):
+            work(task)
+        trials = study.get_trials()
+        assert [t.state for t in trials] == [States.COMPLETE, States.FAIL, States.WAITING, States.WAITING]
+        assert trials[3].system_attrs["retry_history"] == [1] and trials[3].params == trials[1].params
+        monkeypatch.setattr(Path, "write_bytes", real_write)
+        work(task)
+    trials = study.get_trials()
+    assert sorted(t.user_attrs[SLOT] for t in live(trials)) == [0, 1, 2]
+    assert all(t.state in (States.COMPLETE, States.PRUNED) for t in live(trials))
+    (res,) = results(open_storage(task.storage))
+    assert "FAIL" not in res.counts and sum(res.counts.values()) == 3
