@@ -11,6 +11,7 @@ on every storage; `fail_if_running` is the one step that must be atomic across p
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import optuna
@@ -53,13 +54,26 @@ def open_storage(url: str | Path | None = None):
         # Optuna's read-check-write of a WAITING trial was not atomic and two workers could both run one enqueued
         # trial: optuna/optuna#4621); _serialize_sqlite_writes then starts every transaction with BEGIN IMMEDIATE.
         kwargs = {"connect_args": {"timeout": 120, "isolation_level": None}}
-    try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except Exception as exc:  # SQLAlchemy raises many types (ArgumentError, OperationalError, ModuleNotFound...)
-        raise StorageError(f"cannot open tuning database {url!r}: {type(exc).__name__}: {exc}") from exc
+    storage = _open_rdb(url, kwargs)
     if url.startswith("sqlite:"):
         _serialize_sqlite_writes(storage.engine)
     return storage
+
+
+def _open_rdb(url: str, kwargs: dict, attempts: int = 4):
+    """RDBStorage(url). Two processes opening a new database at the same moment both create its schema and one
+    of them fails (a duplicate table or alembic_version row): that one tries again and finds the schema made."""
+    from sqlalchemy.exc import DBAPIError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except DBAPIError as exc:   # IntegrityError / OperationalError / ProgrammingError: maybe the schema race
+            if attempt == attempts - 1:
+                raise StorageError(f"cannot open tuning database {url!r}: {type(exc).__name__}: {exc}") from exc
+            time.sleep(0.25 * (attempt + 1))
+        except Exception as exc:  # SQLAlchemy raises many types (ArgumentError, ModuleNotFound...)
+            raise StorageError(f"cannot open tuning database {url!r}: {type(exc).__name__}: {exc}") from exc
 
 
 def _make_parent(path: Path) -> None:

@@ -95,3 +95,55 @@ def test_enqueued_trials_are_popped_once_under_contention(tmp_path, python, work
     trials = study.get_trials()
     assert len(trials) == 90 and all(t.state == States.COMPLETE for t in trials)
     assert sorted(t.params["x"] for t in trials) == list(range(90))
+
+
+def test_a_worker_declared_dead_while_it_ran_records_nothing(tmp_path, caplog):
+    """A worker that stalled past grace_s was declared dead (FAIL, config re-enqueued): its late result is dropped
+    with a warning, so the slot gets exactly one result (the retry's)."""
+    study = optuna.create_study(study_name="late", storage=open_storage(str(tmp_path / "l.db")))
+    study.enqueue_trial({"x": 1}, user_attrs={SLOT: 0})
+    worker = slots.Worker(study, 1, 3)
+    tid = worker.pop()
+
+    def objective(trial):
+        x = trial.suggest_int("x", 0, 9)
+        assert slots.fail_if_running(study._storage, tid)            # meanwhile a reaper gave up on us
+        slots.retry(study, study._storage.get_trial(tid))
+        return float(x)
+    with caplog.at_level("WARNING", logger="dskc.autotune"):
+        assert worker.run(tid, objective) == 0
+    assert "declared dead" in caplog.text
+    assert worker.drain(lambda t: float(t.suggest_int("x", 0, 9))) == 1
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [States.FAIL, States.COMPLETE] and trials[1].value == 1.0
+
+
+def test_coordinators_starting_one_study_at_once_plan_it_once(tmp_path, monkeypatch):
+    """Two machines run `dskc tune` on one study at the same moment: the one that creates the study plans it, the
+    other waits for the plan and adds nothing. A plan that never comes (its coordinator died) is a clear error."""
+    import threading
+
+    from dskc.autotune import study as study_mod
+    task = _task(tmp_path, 6)
+    barrier, out = threading.Barrier(2), []
+
+    def coordinator():
+        barrier.wait()
+        out.append(prepare(task)[0])
+    threads = [threading.Thread(target=coordinator) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    trials = out[0].get_trials()
+    assert len(out) == 2 and sorted(t.user_attrs[SLOT] for t in trials) == list(range(6))
+    assert prepare(task)[0].user_attrs["planned"] == 6 and len(out[0].get_trials()) == 6   # a rerun adds nothing
+    bigger = Task(**{**task.__dict__, "n_trials": 8})
+    assert len(prepare(bigger)[0].get_trials()) == 8                  # a resume with more trials extends the plan
+
+    orphan = Task(**{**task.__dict__, "storage": str(tmp_path / "o.db")})
+    optuna.create_study(study_name=study_mod.make_key(orphan, study_mod.make_timer("model")).study_name,
+                        storage=open_storage(orphan.storage))          # created, never planned
+    monkeypatch.setattr(study_mod, "PLAN_WAIT_S", 0.5)
+    with pytest.raises(RuntimeError, match="coordinator died while planning"):
+        prepare(orphan)
