@@ -111,8 +111,8 @@ def test_a_killed_machine_loses_and_duplicates_nothing(kind, tmp_path, request, 
     current = live(trials)
     assert sorted(t.user_attrs[SLOT] for t in current) == list(range(PLANNED))   # each planned trial once
     assert all(t.state in (States.COMPLETE, States.PRUNED) for t in current)
-    machines = {t.system_attrs[WORKER] for t in current}
-    assert len(machines) >= 2, machines                               # both machines ran trials
+    workers = {t.system_attrs[WORKER] for t in trials}
+    assert len(workers) >= 2, workers         # A (killed) and B took trials; the restarted A' may find none left
     for cache in ("machine-a", "machine-b"):                          # and built them in their own caches
         assert any((tmp_path / cache / "triton").iterdir())
     assert _export(url, tmp_path / "configs") == reference
