@@ -199,6 +199,9 @@ def _wait_for_plan(study: optuna.Study) -> int:
     """The study's planned trial count, once its creator (maybe on another machine) has written it."""
     deadline = time.monotonic() + PLAN_WAIT_S
     while "planned" not in study.user_attrs:
+        trials = study.get_trials(deepcopy=False)
+        if any(slots.SLOT not in t.user_attrs for t in trials):   # made by a dskc from before plans: as it is
+            return len(trials)
         if time.monotonic() > deadline:
             raise RuntimeError(f"study {study.study_name} has no plan {PLAN_WAIT_S} s after it was created: its "
                                "coordinator died while planning; delete the study (optuna delete-study) and rerun")

@@ -147,3 +147,16 @@ def test_coordinators_starting_one_study_at_once_plan_it_once(tmp_path, monkeypa
     monkeypatch.setattr(study_mod, "PLAN_WAIT_S", 0.5)
     with pytest.raises(RuntimeError, match="coordinator died while planning"):
         prepare(orphan)
+
+
+def test_a_study_from_before_plans_is_extended_not_waited_for(tmp_path):
+    """A study an older dskc made (trials without a slot, no plan) counts its trials as planned."""
+    from dskc.autotune import study as study_mod
+    task = _task(tmp_path, 4)
+    name = study_mod.make_key(task, study_mod.make_timer("model")).study_name
+    old = optuna.create_study(study_name=name, storage=open_storage(task.storage))
+    old.enqueue_trial({"BLOCK_M": 1, "BLOCK_N": 0, "BLOCK_K": 0, "num_warps": 0, "num_stages": 0})
+    study, _ = prepare(task)
+    trials = study.get_trials()
+    assert len(trials) == 4 and SLOT not in trials[0].user_attrs
+    assert [t.user_attrs[SLOT] for t in trials[1:]] == [1, 2, 3]
