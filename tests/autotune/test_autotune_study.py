@@ -15,7 +15,8 @@ PROBLEM = {"M": 200, "N": 300, "K": 256}
 
 
 def _task(tmp_path, **kw):
-    base = dict(stem="probe_stem", problem=PROBLEM, arch="sm90a", storage=str(tmp_path / "t.db"), n_trials=14,
+    # sm80: probe_stem.SPILLING spills there with triton 3.6 and 3.9 alike (sm_90a: with 3.9 only)
+    base = dict(stem="probe_stem", problem=PROBLEM, arch="sm80", storage=str(tmp_path / "t.db"), n_trials=14,
                 seed=0, imported_seeds=(probe_stem.SPILLING,))
     base.update(kw)
     return Task(**base)
@@ -59,14 +60,14 @@ def test_study_prunes_at_compile_time_exports_and_compiler_reads(tmp_path, caplo
     (res,) = results(open_storage(task.storage))
     assert res.best_config == best.user_attrs["config"] and res.default_s >= res.best_s > 0
 
-    (path,) = export(open_storage(task.storage), "sm90a", root=tmp_path / "configs")
-    assert path == tmp_path / "configs" / "sm90a" / "probe_dot.json"
+    (path,) = export(open_storage(task.storage), "sm80", root=tmp_path / "configs")
+    assert path == tmp_path / "configs" / "sm80" / "probe_dot.json"
     doc = json.loads(path.read_text())
     entry = doc["entries"]["M=256,N=300,K=256"]
     assert entry["meta"]["timing_mode"] == "model" and entry["meta"]["toolchain"]["triton"]
-    config, source = tuned.lookup("probe_dot", "sm90a", {"M": 130, "N": 300, "K": 256}, root=tmp_path / "configs")
+    config, source = tuned.lookup("probe_dot", "sm80", {"M": 130, "N": 300, "K": 256}, root=tmp_path / "configs")
     assert config == best.user_attrs["config"] and source == f"tuned:{path}"
-    assert tuned.lookup("probe_dot", "sm90a", {"M": 130, "N": 301, "K": 256}, root=tmp_path / "configs")[0] is None
+    assert tuned.lookup("probe_dot", "sm80", {"M": 130, "N": 301, "K": 256}, root=tmp_path / "configs")[0] is None
     assert tuned.lookup("probe_dot", "sm100a", PROBLEM, root=tmp_path / "configs") == \
         (None, f"untuned: no file {tmp_path / 'configs' / 'sm100a' / 'probe_dot.json'}")
 
@@ -74,16 +75,16 @@ def test_study_prunes_at_compile_time_exports_and_compiler_reads(tmp_path, caplo
     entry["meta"]["toolchain"]["triton"] = "0.0.1"
     path.write_text(json.dumps(doc))
     with caplog.at_level(logging.WARNING, logger="dskc.select"):
-        config, source = tuned.lookup("probe_dot", "sm90a", PROBLEM, root=tmp_path / "configs")
+        config, source = tuned.lookup("probe_dot", "sm80", PROBLEM, root=tmp_path / "configs")
     assert config is None and source.startswith("untuned:")
     assert "tuned with triton 0.0.1" in caplog.text
 
     # a corrupt export file: clear errors from the reader and the exporter; the database keeps every trial
     path.write_text("{not json")
     with pytest.raises(tuned.TunedFileError, match="probe_dot.json"):
-        tuned.lookup("probe_dot", "sm90a", PROBLEM, root=tmp_path / "configs")
+        tuned.lookup("probe_dot", "sm80", PROBLEM, root=tmp_path / "configs")
     with pytest.raises(tuned.TunedFileError, match="cannot be read"):
-        export(open_storage(task.storage), "sm90a", root=tmp_path / "configs")
+        export(open_storage(task.storage), "sm80", root=tmp_path / "configs")
     assert path.read_text() == "{not json"
     assert len(optuna.load_study(study_name=key.study_name, storage=open_storage(task.storage)).trials) == 14
 
