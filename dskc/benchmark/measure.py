@@ -5,11 +5,14 @@ interpreted kernels and only show that the bench code runs: they are never kerne
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import platform
 import re
+import signal
 import subprocess
+import threading
 import time
 
 import torch
@@ -39,6 +42,36 @@ def cuda_time_ms(fn, warmup: int = 3, samples: int = 15, max_s: float = 3.0) -> 
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / reps)
     return sorted(times)[len(times) // 2]
+
+
+class TimeLimit(BaseException):
+    """A bench row ran past its time bound. A BaseException, like KeyboardInterrupt, so that no `except Exception`
+    in the code being measured (torch.compile's autotuning catches broadly) can swallow it."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Raise TimeLimit in the block once `seconds` of wall time pass (SIGALRM; it lands between Python bytecodes,
+    so a C call finishes first). No bound for None or off the main thread. An interval timer set outside (e.g. by
+    pytest-timeout) still bounds the block and is re-armed with its remaining time afterwards."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    outer, _ = signal.getitimer(signal.ITIMER_REAL)
+    bound = min(seconds, outer) if outer > 0 else seconds
+
+    def fire(signum, frame):
+        raise TimeLimit(f"ran past its bound of {bound:.1f} s")
+    previous = signal.signal(signal.SIGALRM, fire)
+    start = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, max(bound, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3))
 
 
 def cpu_time_ms(fn, warmup: int = 0, samples: int = 1) -> float:

@@ -51,7 +51,7 @@ SCHEMA = {
     "properties": {
         "schema": {"enum": ["dskc-bench"]},
         "version": {"enum": [VERSION]},
-        "suite": {"enum": ["smoke", "gemm", "moe", "mla", "model", "all"]},
+        "suite": {"enum": ["smoke", "gemm", "moe", "mla", "model", "headline", "rest", "all"]},
         "mode": {"enum": ["gpu", "cpu-smoke"]},
         "label": {"type": "string"},
         "date": {"type": "string"},
