@@ -78,6 +78,9 @@ site=${GPU_CHECK_SITE:-/tmp/site}
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 TRITON_DEFAULT_FP_FUSION=1 DSKC_CACHE_DIR=${DSKC_CACHE_DIR:-/tmp/dskc-cache}
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$dry" = 1 ]; then export TRITON_INTERPRET=1; else unset TRITON_INTERPRET; fi
+if [ -z "${DSKC_NVCC:-}" ] && ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export DSKC_NVCC=/usr/local/cuda/bin/nvcc
+fi
 printf 'step\tplan_s\tlimit_s\ttook_s\trc\tstatus\tdetail\n' > "$steps"
 : > "$log"
 
@@ -117,8 +120,8 @@ run() {
   record "$STEP" "$STEP_LIMIT" "$(( $(now) - STEP_T0 ))" "$rc" "$status" "$detail"
 }
 
-write_summary() {
-  local s=$OUT/summary.md f
+write_summary() {  # summary.md: the steps and failed tests ($work/head.md, printed at the end), then the tables
+  local f
   {
     echo "# dskc GPU check ($(date -u +%FT%TZ)$([ "$dry" = 1 ] && echo ', DRY MODE: CPU, no GPU figures'))"
     echo
@@ -132,12 +135,12 @@ write_summary() {
     if grep -qE '^(FAILED|ERROR) ' "$log"; then
       echo; echo "## Failed tests"; echo; grep -E '^(FAILED|ERROR) ' "$log" | head -n 60 | sed 's/^/    /'
     fi
-    for f in "$work"/table-*.md; do [ -f "$f" ] && { echo; cat "$f"; }; done
-  } > "$s"
+  } > "$work/head.md"
+  { cat "$work/head.md"; for f in "$work"/table-*.md; do [ -f "$f" ] && { echo; cat "$f"; }; done; } > "$OUT/summary.md"
 }
 
-table() {  # table NAME FILE: the result FILE as markdown, for the summary
-  [ -f "$2" ] && "$py" -m dskc.benchmark.gpucheck table "$2" > "$work/table-$1.md.tmp" 2>> "$log" \
+table() {  # table NAME FILE: the result FILE as markdown, for the summary (a fraction of a second: no torch)
+  [ -f "$2" ] && timeout 10 "$py" -m dskc.benchmark.gpucheck table "$2" > "$work/table-$1.md.tmp" 2>> "$log" \
     && { printf '## %s\n\n' "$1"; cat "$work/table-$1.md.tmp"; } > "$work/table-$1.md"
   write_summary
 }
@@ -178,7 +181,8 @@ wait_prebuild() {  # until the background CUTLASS builds end or $1 s pass; recor
 finish() {
   [ -n "${prebuild_pid:-}" ] && kill "$prebuild_pid" 2>/dev/null
   write_summary
-  cat "$OUT/summary.md"
+  cat "$work/head.md"
+  echo "(the bench tables follow in summary.md)"
   rm -rf "$work"
 }
 trap finish EXIT
