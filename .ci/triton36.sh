@@ -12,7 +12,9 @@ PY=$VENV/bin/python
 if [ ! -x "$PY" ]; then
   python3 -m venv "$VENV"
   "$PY" -m pip install -q torch==2.13.0 "triton==3.6.*" "numpy<2.4" 2>&1 | { grep -v -e "^WARNING: Location" || true; }
-  "$PY" -m pip install -q -e ".[test]" "triton==3.6.*" "numpy<2.4" 2>&1 | { grep -v -e "^WARNING: Location" || true; }
+  # dskc and what these tests import (not the test extra's transformers / psycopg, which they do not use)
+  "$PY" -m pip install -q -e . "triton==3.6.*" "numpy<2.4" pytest pytest-benchmark 2>&1 \
+    | { grep -v -e "^WARNING: Location" || true; }
 fi
 # the combination must import and interpret before anything else is worth running
 TRITON_INTERPRET=1 "$PY" - <<'EOF'
