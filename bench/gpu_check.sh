@@ -139,9 +139,11 @@ write_summary() {  # summary.md: the steps and failed tests ($work/head.md, prin
   { cat "$work/head.md"; for f in "$work"/table-*.md; do [ -f "$f" ] && { echo; cat "$f"; }; done; } > "$OUT/summary.md"
 }
 
-table() {  # table NAME FILE: the result FILE as markdown, for the summary (a fraction of a second: no torch)
-  [ -f "$2" ] && timeout 10 "$py" -m dskc.benchmark.gpucheck table "$2" > "$work/table-$1.md.tmp" 2>> "$log" \
-    && { printf '## %s\n\n' "$1"; cat "$work/table-$1.md.tmp"; } > "$work/table-$1.md"
+table() {  # table NAME FILE: the result FILE as markdown for the summary (well under a second: no torch import),
+  local left=$((deadline - $(now) - 2))  # bounded by the deadline too, as it may follow the last step
+  (( left > 10 )) && left=10
+  (( left > 0 )) && [ -f "$2" ] && timeout "$left" "$py" -m dskc.benchmark.gpucheck table "$2" \
+    > "$work/table-$1.md.tmp" 2>> "$log" && { printf '## %s\n\n' "$1"; cat "$work/table-$1.md.tmp"; } > "$work/table-$1.md"
   write_summary
 }
 
@@ -190,7 +192,7 @@ export py site work
 
 print_plan | tee -a "$log"
 gpu_line=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)
-versions=$("$py" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__,
+versions=$(timeout 60 "$py" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__,
   "triton", triton.__version__, "cuda", torch.version.cuda)' 2>&1 | tail -n 1)
 say "start in $PWD; OUT=$OUT; GPU: ${gpu_line:-none}; $versions"
 [ "$dry" = 1 ] && say "DRY MODE: pytest steps collect only, bench steps run tiny shapes through the interpreter"

@@ -28,8 +28,9 @@ from dskc.benchmark.common import DEEPGEMM_DENSE, Ctx, have, make_ctx, rel_err
 log = logging.getLogger("dskc.bench")
 KERNEL_SUITES = ("gemm", "moe", "mla", "model")
 # suite -> the sub-suites it runs, in order. "headline" holds the rows a first GPU check needs most
-# (bench/gpu_check.sh runs it before anything optional); "rest" is everything else, the model first.
-SUB_SUITES = {"smoke": KERNEL_SUITES, **{s: (s,) for s in KERNEL_SUITES}, "headline": ("gemm", "moe", "mla"),
+# (bench/gpu_check.sh runs it before anything optional; the MoE layer, 34 GB of weights, last); "rest" is
+# everything else, the model first.
+SUB_SUITES = {"smoke": KERNEL_SUITES, **{s: (s,) for s in KERNEL_SUITES}, "headline": ("gemm", "mla", "moe"),
               "rest": ("model", "gemm", "moe", "mla"), "all": KERNEL_SUITES}
 SUITES = tuple(SUB_SUITES)
 # The headline rows: stem -> test on the case's shape (None: every case). A smoke run keeps every case of these
