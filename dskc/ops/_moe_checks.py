@@ -1,4 +1,4 @@
-"""Input checks and config lookup shared by the MoE kernels' launchers (dskc.ops.moe, dskc.ops.grouped)."""
+"""Input checks and the config resolution shared by the MoE kernels' launchers (dskc.ops.moe, dskc.ops.grouped)."""
 from __future__ import annotations
 
 import torch
@@ -44,16 +44,8 @@ def _need_e4m3(t: torch.Tensor, what: str):
               f"sm_{''.join(map(str, torch.cuda.get_device_capability(t.device)))}: use bf16 weights")
 
 
-def _config(mod, config) -> dict:
-    """The stem's default for this machine's GPU (sm90's without a GPU), overridden by `config`'s keys."""
-    family = "sm90"
-    if torch.cuda.is_available() and not knobs.get().triton_interpret:  # sm_8x -> sm80 table (sm_89 too), ...
-        major = torch.cuda.get_device_capability()[0]
-        family = "sm100" if major >= 10 else "sm90" if major == 9 else "sm80"
-    cfg = dict(mod.DEFAULTS[family])
-    if config:
-        unknown = set(config) - set(mod.SPACE)
-        if unknown:
-            _fail(f"config keys {sorted(unknown)} are not in {mod.STEM}'s space {sorted(mod.SPACE)}")
-        cfg.update(config)
-    return cfg
+def _config(mod, config, problem, device) -> dict:
+    """The config of stem module `mod` for `problem` on `device` (dskc.ops._config.resolve: a complete config as
+    given, else the tuned entry / tuning-free rule with `config`'s keys on top; cached per problem bucket)."""
+    from dskc.ops import _config as _cfg
+    return _cfg.resolve(mod.STEM, device, config, problem)

@@ -2,14 +2,21 @@
 
 Every function checks its inputs (dtype, shape, device, contiguity, alignment) before any launch and raises
 TypeError / ValueError naming the problem. Tensors must be CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
-`config` (a dict over the stem's SPACE, see dskc.templates.triton.<stem>) overrides the arch default.
+`config` (a dict over the stem's SPACE, see dskc.templates.triton.<stem>): a complete one is launched as it is (what
+a compiled model passes from its plan), a partial one overrides keys of the base: the tuned export for this GPU and
+the problem's bucket, else the stem's tuning-free rule (dskc.ops._config, cached per bucket).
 """
 from __future__ import annotations
 
 
 import torch
 
-from dskc import knobs
+from dskc.arch import family_of_device
+from dskc.ops import _config as _cfg
+from dskc.templates.triton import act_quant as _aq
+from dskc.templates.triton import bf16_gemm as _bf16
+from dskc.templates.triton import fp8_gemm as _fp8
+from dskc.templates.triton._problem import dtype_name as _dt
 
 __all__ = ["act_quant", "rmsnorm_act_quant", "silu_mul_act_quant", "fp8_gemm", "bf16_gemm"]
 
@@ -20,48 +27,8 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _family(device: torch.device) -> str:
-    """Key of the DEFAULTS tables for tensors on `device` (CPU under the interpreter uses the sm90 table)."""
-    if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        return "sm100" if major >= 10 else "sm90" if major == 9 else "sm80"
-    if device.type == "cpu" and knobs.get().triton_interpret:
-        return "sm90"
-    raise ValueError(f"dskc kernels run on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {device}")
-
-
-_TUNED_ARCH = {"sm80": "sm80", "sm90": "sm90a", "sm100": "sm100a"}
-
-
-def _template(stem: str):
-    from dskc.templates import registry
-    return registry.get(stem)
-
-
-def _config(stem: str, device: torch.device, config: dict | None, problem: dict) -> dict:
-    """The config to launch `stem` with for `problem`.
-
-    Base: on CUDA the autotuner's exported entry for this arch (dskc.select.tuned) when one matches, else the stem's
-    tuning-free default; under the interpreter the sm90 default. `config` overrides keys of the base (unknown keys
-    are an error) and the result must meet the stem's CONSTRAINTS for the problem.
-    """
-    from dskc.templates import registry
-
-    mod = _template(stem)
-    family = _family(device)
-    base = None
-    if device.type == "cuda":
-        from dskc.select import tuned
-        base, _ = tuned.lookup(stem, _TUNED_ARCH[family], problem)
-    cfg = dict(base or mod.DEFAULTS[family])
-    if config:
-        unknown = sorted(set(config) - set(mod.SPACE))
-        if unknown:
-            raise ValueError(f"config keys {unknown} are not in {stem!r}'s space {list(mod.SPACE)}")
-        cfg.update(config)
-    broken = registry.broken_constraints(mod, cfg, problem)
-    if broken:
-        raise ValueError(f"config {cfg} breaks {stem!r}'s constraints {broken} for problem {problem}")
-    return cfg
+    """Key of the DEFAULTS tables for tensors on `device` (ValueError for a device dskc kernels cannot run on)."""
+    return family_of_device(device)
 
 
 def _check_tensor(name: str, t, dtypes, ndim: int | None = None) -> None:
@@ -121,10 +88,11 @@ def act_quant(x: torch.Tensor, block: int = BLOCK, ue8m0: bool = False, config: 
     _check_tensor("x", x, _ACT_DTYPES)
     device = _same_device(x=x)
     x2 = _rows("x", x)
-    cfg = _config("act_quant", device, config, {"M": x2.shape[0], "K": x2.shape[1]})
+    cfg = _cfg.resolve("act_quant", device, config, _aq.Problem(x2.shape[0], x2.shape[1], _dt(x.dtype), "quant",
+                                                                int(ue8m0)))
     q, s = _empty_quant(x2, x.shape[-1])
     if x2.numel():
-        _template("act_quant").launch_act_quant(x2, q, s, ue8m0, cfg)
+        _aq.launch_act_quant(x2, q, s, ue8m0, cfg)
     return q.view(x.shape), s.view(*x.shape[:-1], s.shape[-1])
 
 
@@ -150,12 +118,14 @@ def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, 
         raise ValueError(f"eps must be > 0, got {eps}")
     device = _same_device(x=x, weight=weight, residual=residual)
     x2 = _rows("x", x)
-    cfg = _config("act_quant", device, config, {"M": x2.shape[0], "K": x2.shape[1]})
+    op = "add_rmsnorm" if residual is not None else "rmsnorm"
+    cfg = _cfg.resolve("act_quant", device, config, _aq.Problem(x2.shape[0], x2.shape[1], _dt(x.dtype), op,
+                                                                int(ue8m0)))
     r2 = _rows("residual", residual) if residual is not None else None
     q, s = _empty_quant(x2, x.shape[-1])
     h = torch.empty_like(x2) if residual is not None else None
     if x2.numel():
-        _template("act_quant").launch_rmsnorm_quant(x2, r2, weight, eps, q, s, h, ue8m0, cfg)
+        _aq.launch_rmsnorm_quant(x2, r2, weight, eps, q, s, h, ue8m0, cfg)
     outs = (q.view(x.shape), s.view(*x.shape[:-1], s.shape[-1]))
     return outs if residual is None else outs + (h.view(x.shape),)
 
@@ -171,10 +141,11 @@ def silu_mul_act_quant(gate_up: torch.Tensor, ue8m0: bool = False, config: dict 
     device = _same_device(gate_up=gate_up)
     g2 = _rows("gate_up", gate_up)
     inter = gate_up.shape[-1] // 2
-    cfg = _config("act_quant", device, config, {"M": g2.shape[0], "K": inter})
+    cfg = _cfg.resolve("act_quant", device, config, _aq.Problem(g2.shape[0], inter, _dt(gate_up.dtype), "silu_mul",
+                                                                int(ue8m0)))
     q, s = _empty_quant(g2, inter)
     if g2.numel():
-        _template("act_quant").launch_silu_mul_quant(g2, q, s, ue8m0, cfg)
+        _aq.launch_silu_mul_quant(g2, q, s, ue8m0, cfg)
     lead = gate_up.shape[:-1]
     return q.view(*lead, inter), s.view(*lead, s.shape[-1])
 
@@ -223,8 +194,8 @@ def fp8_gemm(a, sa, b, sb, out=None, out_dtype: torch.dtype = torch.bfloat16, co
         out = torch.empty(M, N, dtype=out_dtype, device=device)
     _check_out(out, (M, N), _OUT_DTYPES, device)
     if M and N and a.shape[1]:
-        cfg = _config("fp8_gemm_1d2d", device, config, {"M": M, "N": N, "K": a.shape[1]})
-        _template("fp8_gemm_1d2d").launch(a, sa, b, sb, out, cfg)
+        problem = _fp8.Problem(M, N, a.shape[1], _dt(out.dtype))
+        _fp8.launch(a, sa, b, sb, out, _cfg.resolve("fp8_gemm_1d2d", device, config, problem), problem)
     elif M and N:
         out.zero_()
     return out
@@ -250,8 +221,8 @@ def bf16_gemm(a, b, out=None, config: dict | None = None):
         out = torch.empty(M, N, dtype=a.dtype, device=device)
     _check_out(out, (M, N), (a.dtype,), device)
     if M and N and a.shape[1]:
-        cfg = _config("bf16_gemm", device, config, {"M": M, "N": N, "K": a.shape[1]})
-        _template("bf16_gemm").launch(a, b, out, cfg)
+        problem = _bf16.Problem(M, N, a.shape[1], _dt(a.dtype))
+        _bf16.launch(a, b, out, _cfg.resolve("bf16_gemm", device, config, problem))
     elif M and N:
         out.zero_()
     return out

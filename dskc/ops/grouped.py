@@ -47,9 +47,11 @@ def grouped_gemm(a, sa, b, sb, out, *, m_indices=None, block_expert=None, align=
     maps = [m for m in (m_indices, block_expert, masked_m) if m is not None]
     if len(maps) != 1 or (masked != (masked_m is not None)):
         _fail("give exactly one of m_indices / block_expert (2-D a) or masked_m (3-D a)")
-    problem = {"E": e, "M": rows, "N": n, "K": k, "dtype": "fp8" if fp8 else _DT[a.dtype],
-               "layout": "masked" if masked else "contiguous", "epilogue": epilogue}
-    cfg = _gemm_config(problem, config)
+    per_id = align if block_expert is not None and isinstance(align, int) else 1
+    problem = _gg.Problem(e, rows, n, k, "fp8" if fp8 else _DT[a.dtype], "masked" if masked else "contiguous",
+                          epilogue, per_id, "fp8" if epilogue == "swiglu_quant" else _DT[out.dtype])
+    _devices(a=a, sa=sa, b=b, sb=sb, out=out, out_scale=out_scale, row_weight=row_weight)
+    cfg = _config(_gg, config, problem, a.device)
     eid, per_id, m_max, n_mblocks = _expert_map(a, e, rows, m_indices, block_expert, align, masked_m, cfg)
     _devices(a=a, sa=sa, b=b, sb=sb, out=out, out_scale=out_scale, row_weight=row_weight, eid=eid)
     dummy = eid
@@ -59,14 +61,11 @@ def grouped_gemm(a, sa, b, sb, out, *, m_indices=None, block_expert=None, align=
         masked_m if masked else eid, row_weight if row_weight is not None else dummy,
         rows, n, k, m_max, b.stride(0), sb.stride(0) if fp8 else 0,
         *(_sa_strides(sa, masked) if fp8 else (0, 0, 0)),
-        FP8=int(fp8), MASKED=int(masked), ROWS_PER_ID=per_id, EPILOGUE=_gg.EPILOGUES[epilogue],
-        ROW_WEIGHT=int(epilogue == "weight"), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], INTERP_FIX=int(knobs.get().triton_interpret), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        **_gg.bind(problem, cfg, knobs.get().triton_interpret)["grouped_gemm_kernel"])
     return out
 
 
-_DT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _sa_strides(sa, masked):
@@ -127,14 +126,6 @@ def _check_out(out, a, masked, rows, n, epilogue, fp8, out_scale, row_weight):
             _fail(f"row_weight must have one weight per row ({rows}), got {row_weight.numel()}")
     elif row_weight is not None:
         _fail("row_weight is only read by the 'weight' epilogue")
-
-
-def _gemm_config(problem, config):
-    from dskc.templates import registry
-    cfg = _config(_gg, config)
-    if not registry.satisfies(_gg, cfg, problem):
-        _fail(f"grouped_gemm config {cfg} breaks the stem's constraints {_gg.CONSTRAINTS} for {problem}")
-    return cfg
 
 
 def _expert_map(a, e, rows, m_indices, block_expert, align, masked_m, cfg):

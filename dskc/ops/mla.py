@@ -21,9 +21,12 @@ import math
 
 import torch
 
+from dskc.arch import family_of_device
+from dskc.ops import _config as _cfg
 from dskc.templates.triton import mla_decode as _dec
 from dskc.templates.triton import mla_prefill as _pre
 from dskc.templates.triton import mla_rope as _rope
+from dskc.templates.triton._problem import dtype_name as _dt
 
 __all__ = ["MLAMetadata", "get_mla_metadata", "mla_decode", "mla_prefill", "rope_norm_cache_write", "paged_slots",
            "quantize_mla_cache_fp8", "dequantize_mla_cache_fp8"]
@@ -52,12 +55,8 @@ class MLAMetadata:
 
 
 def default_config(device: torch.device) -> dict:
-    """The tuning-free decode config for `device` (sm90 defaults off-GPU, e.g. under the interpreter)."""
-    if device.type == "cuda":
-        from dskc.arch import detect
-        from dskc.templates import registry
-        return registry.default_config(_dec.STEM, detect())
-    return dict(_dec.DEFAULTS["sm90"])
+    """The tuning-free decode config of `device`'s arch family (sm90's for CPU tensors under the interpreter)."""
+    return dict(_dec.DEFAULTS[family_of_device(device)])
 
 
 def _num_sms(device: torch.device) -> int:
@@ -217,7 +216,9 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal=Fa
     Returns out [batch, s_q, h_q, 512] in q's dtype and lse [batch, h_q, s_q] fp32.
     """
     b, s_q, h_q, num_blocks, page = _check_decode(q, kv_cache, block_table, cache_seqlens, kv_format)
-    cfg = dict(config) if config is not None else default_config(q.device)
+    problem = _dec.Problem(b, s_q, h_q, block_table.shape[1] * page, page, kv_format == "fp8", _dt(q.dtype),
+                           bool(causal))
+    cfg = dict(_cfg.resolve(_dec.STEM, q.device, config, problem))
     rows = s_q * h_q
     if metadata is None:
         metadata = get_mla_metadata(cache_seqlens, rows, 1, block_m=cfg["BLOCK_M"], block_n=cfg["BLOCK_N"],
@@ -239,15 +240,14 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal=Fa
     lacc = torch.empty(b + parts, rows, dtype=torch.float32, device=q.device)
     kv, sc, rope = _cache_views(kv_cache, kv_format)
     grid = (parts, triton_cdiv(rows, cfg["BLOCK_M"]), D_LATENT // cfg["BLOCK_DV"])
+    kw = _dec.bind(problem, cfg)
     _dec.mla_decode_split_kernel[grid](
         q, kv, sc, rope, block_table, cache_seqlens, metadata.tile_scheduler_metadata, metadata.num_splits,
         out, lse, oacc, lacc, s_q, h_q, block_table.stride(0), lse.stride(0), lse.stride(1),
-        float(softmax_scale) * math.log2(math.e), PAGE=page, **_dec.token_strides(kv_format == "fp8"),
-        CAUSAL=bool(causal) and s_q > 1, FP8=kv_format == "fp8", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], BLOCK_DV=cfg["BLOCK_DV"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        float(softmax_scale) * math.log2(math.e), **kw["mla_decode_split_kernel"])
     _dec.mla_decode_combine_kernel[(b, triton_cdiv(rows, _dec.COMBINE_BLOCK_R))](
         out, lse, oacc, lacc, metadata.num_splits, s_q, h_q, out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1), BLOCK_R=_dec.COMBINE_BLOCK_R, num_warps=4)
+        lse.stride(0), lse.stride(1), **kw["mla_decode_combine_kernel"])
     return out, lse
 
 
@@ -342,7 +342,9 @@ def rope_norm_cache_write(kv_a, norm_weight, rope_table, positions, q_pe=None, *
     write = kv_cache is not None
     if write:
         _check_cache_target(kv_cache, slots, kv_format, t, kv_a.device)
-    cfg = dict(config) if config is not None else dict(_rope.DEFAULTS["sm90"])
+    heads = q_pe.shape[1] if q_pe is not None else 0
+    problem = _rope.Problem(t, heads, write and kv_format == "fp8", _dt(kv_a.dtype), write)
+    cfg = _cfg.resolve(_rope.STEM, kv_a.device, config, problem)
     lat = torch.empty(t, D_LATENT, dtype=kv_a.dtype, device=kv_a.device)
     pe = torch.empty(t, D_ROPE, dtype=kv_a.dtype, device=kv_a.device)
     if t == 0:
@@ -355,8 +357,8 @@ def rope_norm_cache_write(kv_a, norm_weight, rope_table, positions, q_pe=None, *
         slots = positions
     _rope.mla_rope_norm_kernel[(triton_cdiv(t, cfg["BLOCK_T"]),)](
         kv_a, norm_weight, rope_table.contiguous(), positions, qp, lat, pe, slots, cache, sc, crope, t,
-        qp.shape[1], kv_a.stride(0), qp.stride(0), max(qp.stride(1), 1), float(eps), BLOCK_T=cfg["BLOCK_T"],
-        BLOCK_H=cfg["BLOCK_H"], WRITE_CACHE=write, FP8=write and kv_format == "fp8", num_warps=cfg["num_warps"])
+        qp.shape[1], kv_a.stride(0), qp.stride(0), max(qp.stride(1), 1), float(eps),
+        **_rope.bind(problem, cfg)["mla_rope_norm_kernel"])
     return lat, pe
 
 
@@ -408,12 +410,14 @@ def mla_prefill(q, k, v, cu_seqlens_q, softmax_scale, causal=True, *, cu_seqlens
     else:
         kv_latent = k_rope = cache = sc = crope = q
         slots = cu_seqlens_q
-    cfg = dict(config) if config is not None else dict(_pre.DEFAULTS["sm90"])
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.numel() > 1 else 0
     out = torch.empty(t_q, heads, v.shape[2], dtype=q.dtype, device=q.device)
     lse = torch.empty(t_q, heads, dtype=torch.float32, device=q.device)
     batch = cu_seqlens_q.numel() - 1
+    problem = _pre.Problem(max(batch, 1), max(max_seqlen_q, 1), heads, d_qk, v.shape[2],
+                           write and kv_format == "fp8", _dt(q.dtype), bool(causal), write)
+    cfg = _cfg.resolve(_pre.STEM, q.device, config, problem)
     if batch == 0 or max_seqlen_q == 0 or heads == 0:
         return out, lse
     grid = (triton_cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch, heads)
@@ -421,6 +425,5 @@ def mla_prefill(q, k, v, cu_seqlens_q, softmax_scale, causal=True, *, cu_seqlens
         q, k, v, out, lse, cu_seqlens_q, cu_k, kv_latent, k_rope, slots, cache, sc, crope,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         lse.stride(0), kv_latent.stride(0), k_rope.stride(0), float(softmax_scale) * math.log2(math.e),
-        D_A=d_a, D_B=d_b, D_V=v.shape[2], CAUSAL=bool(causal), WRITE_CACHE=write, FP8=write and kv_format == "fp8",
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        **_pre.bind(problem, cfg)["mla_prefill_kernel"])
     return out, lse

@@ -17,6 +17,7 @@ from dskc.ops._moe_checks import FP8, _HALF, _config, _devices, _fail, _need_e4m
 from dskc.ops.grouped import grouped_gemm, grouped_gemm_contiguous, grouped_gemm_masked
 from dskc.templates.triton import moe_permute as _perm
 from dskc.templates.triton import moe_route as _route
+from dskc.templates.triton._problem import dtype_name as _dt
 
 __all__ = ["moe_route", "moe_align", "moe_gather", "moe_combine", "grouped_gemm", "grouped_gemm_contiguous",
            "grouped_gemm_masked", "fused_moe", "MoeLayout"]
@@ -38,16 +39,15 @@ def moe_route(logits, bias=None, *, top_k: int, n_groups: int = 1, n_limited_gro
         _tensor("bias", bias, (torch.float32,), shape=(e,))
     _devices(logits=logits, bias=bias)
     _check_route(e, top_k, n_groups, n_limited_groups, score_func, bias is not None)
-    problem = {"T": t, "E": e, "top_k": top_k, "n_groups": n_groups, "n_limited_groups": n_limited_groups,
-               "sigmoid": score_func == "sigmoid", "has_bias": bias is not None}
-    cfg = _config(_route, config)
+    problem = _route.Problem(t, e, top_k, n_groups, n_limited_groups, score_func == "sigmoid", bias is not None)
+    cfg = _config(_route, config, problem, logits.device)
     weights = torch.empty((t, top_k), dtype=torch.float32, device=logits.device)
     ids = torch.empty((t, top_k), dtype=torch.int32, device=logits.device)
     if t == 0:
         return weights, ids
     _route.moe_route_kernel[(triton.cdiv(t, cfg["BLOCK_T"]),)](
         logits, bias if bias is not None else logits, weights, ids, t, float(route_scale),
-        **_route.constexprs(problem, cfg), num_warps=cfg["num_warps"])
+        **_route.bind(problem, cfg)["moe_route_kernel"])
     return weights, ids
 
 
@@ -116,7 +116,7 @@ def moe_align(ids, n_experts: int, *, layout: str = "contiguous", align: int = 1
     max_m = t if max_m is None else max_m
     if masked and max_m < 1:
         _fail(f"max_m must be >= 1, got {max_m}")
-    cfg = _config(_perm, config)
+    cfg = _config(_perm, config, _perm.Problem(t, n_experts, k, 0, align, int(masked), 0, "none", 0), ids.device)
     n = t * k
     rows = n_experts * max_m if masked else _perm.row_space(n, n_experts, align)
     dev = ids.device
@@ -127,18 +127,16 @@ def moe_align(ids, n_experts: int, *, layout: str = "contiguous", align: int = 1
     be = triton.next_power_of_2(max(n_experts, 2))
     chunks = max(1, triton.cdiv(n, cfg["BLOCK_A"]))
     chunk_counts, chunk_base = torch.empty((chunks, be), **i32), torch.empty((chunks, be), **i32)
-    w = dict(E=n_experts, BLOCK_E=be, num_warps=cfg["num_warps"])
-    common = dict(w, ALIGN=align, MASKED=int(masked))
-    _perm.moe_count_kernel[(chunks,)](ids, chunk_counts, n, BLOCK_A=cfg["BLOCK_A"], **w)
-    _perm.moe_scan_kernel[(1,)](chunk_counts, chunk_base, counts, starts, chunks, max_m, ALIGN=align,
-                                MASKED=int(masked), BLOCK_C=cfg["BLOCK_C"], **w)
-    _perm.moe_scatter_kernel[(chunks,)](ids, chunk_base, starts, dest, sorted_ids, n, max_m, MASKED=int(masked),
-                                        BLOCK_A=cfg["BLOCK_A"], **w)
+    kw = _perm.align_kwargs(n_experts, align, int(masked), cfg)
+    _perm.moe_count_kernel[(chunks,)](ids, chunk_counts, n, **kw["moe_count_kernel"])
+    _perm.moe_scan_kernel[(1,)](chunk_counts, chunk_base, counts, starts, chunks, max_m, **kw["moe_scan_kernel"])
+    _perm.moe_scatter_kernel[(chunks,)](ids, chunk_base, starts, dest, sorted_ids, n, max_m,
+                                        **kw["moe_scatter_kernel"])
     if rows == 0:  # no tokens and align 1: no rows to label (a zero-size grid cannot launch)
         return MoeLayout(layout, n_experts, k, align, max_m, dest, sorted_ids, m_idx, block_expert, counts, starts)
     _perm.moe_fill_rows_kernel[(triton.cdiv(rows, cfg["BLOCK_R"]),)](
         counts, starts, sorted_ids, m_idx, block_expert if block_expert is not None else m_idx, rows, max_m,
-        BLOCK_R=cfg["BLOCK_R"], **common)
+        **kw["moe_fill_rows_kernel"])
     return MoeLayout(layout, n_experts, k, align, max_m, dest, sorted_ids, m_idx, block_expert, counts, starts)
 
 
@@ -159,15 +157,15 @@ def moe_gather(x, layout: MoeLayout, weights, *, quant: bool, config=None):
     if quant:
         _need_e4m3(x, "moe_gather(quant=True)")
     _devices(x=x, weights=weights, layout=layout.sorted_ids)
-    cfg = _config(_perm, config)
+    cfg = _config(_perm, config, _perm.Problem(t, layout.n_experts, layout.top_k, d, layout.align,
+                                               int(layout.kind == "masked"), int(quant), _dt(x.dtype), 0), x.device)
     r = layout.rows
     a = torch.empty((r, d), dtype=FP8 if quant else x.dtype, device=x.device)
     sa = torch.empty((r, d // 128), dtype=torch.float32, device=x.device) if quant else None
     rw = torch.empty(r, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(r, cfg["GATHER_ROWS"]), triton.cdiv(d, cfg["BLOCK_N"]))
     _perm.moe_gather_kernel[grid](x, layout.sorted_ids, weights, a, sa if quant else rw, rw, r, d, layout.top_k,
-                                  QUANT=int(quant), ROWS=cfg["GATHER_ROWS"], BLOCK_N=cfg["BLOCK_N"],
-                                  INTERP_FIX=int(knobs.get().triton_interpret), num_warps=cfg["num_warps"])
+                                  **_perm.gather_kwargs(quant, cfg, knobs.get().triton_interpret))
     return a, sa, rw
 
 
@@ -184,20 +182,21 @@ def moe_combine(y, layout: MoeLayout, *, shared=None, out_dtype=None, config=Non
     if shared is not None:
         _tensor("shared", shared, (torch.bfloat16, torch.float16, torch.float32), shape=(t, n))
     _devices(y=y, shared=shared, layout=layout.dest)
-    cfg = _config(_perm, config)
+    cfg = _config(_perm, config, _perm.Problem(t, layout.n_experts, layout.top_k, n, layout.align,
+                                               int(layout.kind == "masked"), 0, _dt(y.dtype), int(shared is not None)),
+                  y.device)
     out = torch.empty((t, n), dtype=out_dtype or y.dtype, device=y.device)
     if t == 0:
         return out
     grid = (triton.cdiv(t, cfg["COMBINE_T"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _perm.moe_combine_kernel[grid](y2, layout.dest, shared if shared is not None else y2, out, t, n,
-                                   TOP_K=layout.top_k, HAS_SHARED=int(shared is not None), BLOCK_T=cfg["COMBINE_T"],
-                                   BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
+                                   **_perm.combine_kwargs(layout.top_k, int(shared is not None), cfg))
     return out
 
 
 # ---------------------------------------------------------------- the MoE block
 
-_FUSED_KEYS = ("layout", "align", "route", "permute", "gemm1", "gemm2")
+_FUSED_KEYS = ("layout", "align", "route", "permute", "gemm1", "gemm2", "shared_gemm1", "shared_gemm2")
 
 
 def fused_moe(x, gate_weight, gate_bias, w13, w13_scale, w2, w2_scale, *, top_k, n_groups, n_limited_groups,
@@ -211,7 +210,8 @@ def fused_moe(x, gate_weight, gate_bias, w13, w13_scale, w2, w2_scale, *, top_k,
     shared: None or {"w1": [Is, D], "w3": [Is, D], "w2": [D, Is]} (+ "w1_scale", "w3_scale", "w2_scale" for fp8),
     the dense MLP w2(silu(w1 x) * w3 x), added in the combine.
     config: optional {"layout": "auto" | "contiguous" | "masked", "align": 128, "route": {...},
-    "permute": {...}, "gemm1": {...}, "gemm2": {...}} (per-stem configs). "auto" takes the masked layout when
+    "permute": {...}, "gemm1": {...}, "gemm2": {...}, "shared_gemm1": {...}, "shared_gemm2": {...}} (per-stem
+    configs; the shared experts' GEMMs take gemm1 / gemm2's when their own are absent). "auto" takes the masked layout when
     E * T rows are no more than the contiguous layout's static row space (small T, decode), else contiguous.
     Returns [T, D] in x's dtype. Deterministic: no atomics.
     """
@@ -242,12 +242,12 @@ def fused_moe(x, gate_weight, gate_bias, w13, w13_scale, w2, w2_scale, *, top_k,
         maps = {"masked_m": layout.counts}
     else:
         maps = {"block_expert": layout.block_expert, "align": align}
-    y = _mlp(a, sa, w13, w13_scale, None, None, w2, w2_scale, rw, maps, x.dtype, cfg)
+    y = _mlp(a, sa, w13, w13_scale, None, None, w2, w2_scale, rw, maps, x.dtype, cfg.get("gemm1"), cfg.get("gemm2"))
     shared_out = _shared_mlp(x, shared, fp8, cfg) if shared is not None else None
     return moe_combine(y, layout, shared=shared_out, out_dtype=x.dtype, config=cfg.get("permute"))
 
 
-def _mlp(a, sa, w1, s1, w3, s3, w2, s2, rw, maps, out_dtype, cfg):
+def _mlp(a, sa, w1, s1, w3, s3, w2, s2, rw, maps, out_dtype, cfg1, cfg2):
     """w2(silu(w1 a) * w3 a) (* rw) through two grouped GEMMs; w3 None means w1 is the stacked [w1; w3]."""
     fp8 = sa is not None
     inter = w1.shape[1] // (2 if w3 is None else 1)
@@ -255,10 +255,10 @@ def _mlp(a, sa, w1, s1, w3, s3, w2, s2, rw, maps, out_dtype, cfg):
     h = torch.empty(lead + (inter,), dtype=FP8 if fp8 else a.dtype, device=a.device)
     sh = torch.empty(lead + (inter // 128,), dtype=torch.float32, device=a.device) if fp8 else None
     grouped_gemm(a, sa, w1, s1, h, epilogue="swiglu_quant" if fp8 else "swiglu", out_scale=sh, b_up=w3,
-                 sb_up=s3, config=cfg.get("gemm1"), **maps)
+                 sb_up=s3, config=cfg1, **maps)
     y = torch.empty(lead + (w2.shape[1],), dtype=out_dtype, device=a.device)
     grouped_gemm(h, sh, w2, s2, y, epilogue="weight" if rw is not None else "none", row_weight=rw,
-                 config=cfg.get("gemm2"), **maps)
+                 config=cfg2, **maps)
     return y
 
 
@@ -272,7 +272,8 @@ def _shared_mlp(x, shared, fp8, cfg):
     a, sa, _ = moe_gather(x, ident, ones, quant=fp8, config=cfg.get("permute"))
     sc = (lambda name: shared[name][None]) if fp8 else (lambda name: None)
     return _mlp(a, sa, shared["w1"][None], sc("w1_scale"), shared["w3"][None], sc("w3_scale"), shared["w2"][None],
-                sc("w2_scale"), None, {"m_indices": ident.m_indices}, x.dtype, cfg)
+                sc("w2_scale"), None, {"m_indices": ident.m_indices}, x.dtype,
+                cfg.get("shared_gemm1", cfg.get("gemm1")), cfg.get("shared_gemm2", cfg.get("gemm2")))
 
 
 def _check_fused(x, gate_weight, gate_bias, w13, w13_scale, w2, w2_scale) -> bool:

@@ -42,3 +42,51 @@ def e4m3_bits_to_fp16(u):
 def num_tiles(M: int, N: int, block_m: int, block_n: int) -> int:
     """Programs along the flat tile axis of a GEMM grid."""
     return triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+
+
+# The tuning-free tile rule of the dense GEMMs (DeepGEMM picks its block sizes the same way, by a formula over the
+# shape, never by timing): among the candidate (BLOCK_M, BLOCK_N) tiles that meet the stem's constraints, take the
+# fewest waves of tiles over the SMs, then the fullest last wave, then the larger tile. A single partial wave at
+# small M with a long K is split along K (SPLIT_K, where the stem has it) until about one wave is full.
+GEMM_TILES = ((16, 64), (16, 128), (32, 64), (32, 128), (64, 64), (64, 128), (128, 128), (128, 256))
+SPLIT_CHOICES = (1, 2, 4, 8)
+
+
+def waves(M: int, N: int, block_m: int, block_n: int, split: int, sms: int) -> tuple[int, float]:
+    """(number of waves, utilisation of the SMs over those waves) of a GEMM grid; 1.0 = every SM busy always."""
+    programs = num_tiles(max(M, 1), max(N, 1), block_m, block_n) * split
+    n = -(-programs // sms)
+    return n, programs / (n * sms)
+
+
+def gemm_rule(problem: dict, base: dict, sms: int, fits, tiles=GEMM_TILES) -> dict:
+    """The config the rule picks for problem {M, N, K} (see above); `fits(config)` says whether a config meets the
+    stem's constraints; `base` supplies every other parameter (GROUP_M, UPCAST, stages)."""
+    M, N, K = problem["M"], problem["N"], problem["K"]
+    best = None
+    for bm, bn in tiles:
+        if bm > 16 and bm // 2 >= M:            # a tile twice as tall as the rows is waste, never faster
+            continue
+        for warps in (4, 8):
+            cfg = {**base, "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps}
+            if "SPLIT_K" in base:
+                cfg["SPLIT_K"] = 1
+            if not fits(cfg):
+                continue
+            n, util = waves(M, N, bm, bn, 1, sms)
+            key = (n, -util, -(bm * bn), warps)
+            if best is None or key < best[0]:
+                best = (key, cfg)
+            break                               # the fewer warps that fit: more programs per SM
+    if best is None:
+        return dict(base)
+    cfg = best[1]
+    if "SPLIT_K" in cfg and best[0][0] == 1:
+        k_tiles = K // cfg.get("BLOCK_K", 128)
+        for split in SPLIT_CHOICES[1:]:
+            trial = {**cfg, "SPLIT_K": split}
+            n, util = waves(M, N, cfg["BLOCK_M"], cfg["BLOCK_N"], split, sms)
+            if n > 1 or k_tiles // split < 4 or not fits(trial):
+                break
+            cfg = trial
+    return cfg

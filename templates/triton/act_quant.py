@@ -17,12 +17,32 @@ integer ops per element cost nothing measurable.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import triton
 import triton.language as tl
 
 from dskc.build.triton_xc import CompileSpec
+from dskc.templates.triton._problem import ProblemBase, launch as _launch, pow2
 
 STEM = "act_quant"
+
+# op -> (kernel, fixed constexprs): which of the three kernels a problem launches
+OPS = {"quant": ("act_quant_kernel", {}), "rmsnorm": ("rmsnorm_quant_kernel", {"HAS_RES": 0}),
+       "add_rmsnorm": ("rmsnorm_quant_kernel", {"HAS_RES": 1}), "silu_mul": ("silu_mul_quant_kernel", {})}
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem(ProblemBase):
+    """M rows of K columns quantised 1x128 from `dtype` activations; op: "quant" (x), "rmsnorm" (RMSNorm(x)),
+    "add_rmsnorm" (RMSNorm(x + residual)) or "silu_mul" (silu(gate) * up, K = I). ue8m0: power-of-two scales."""
+    M: int
+    K: int
+    dtype: str = "bf16"
+    op: str = "quant"
+    ue8m0: int = 0
+    BUCKETS = {"M": "pow2"}
 
 SPACE = {
     "BLOCK_M": (1, 2, 4, 8, 16, 32),
@@ -46,7 +66,27 @@ AMAX_MIN = 1e-4
 
 
 def problem_names() -> tuple[str, ...]:
-    return ("M", "K")
+    return Problem.names()
+
+
+def rule(problem: Problem, family: str, base: dict, sms: int, fits) -> dict:
+    """Rows per program: 8 (4 warps) from 8 rows up; fewer rows get a block of their own size and fewer warps."""
+    bm = min(base["BLOCK_M"], pow2(problem.M))
+    return {**base, "BLOCK_M": bm, "num_warps": max(1, min(base["num_warps"], bm // 2))}
+
+
+@functools.lru_cache(maxsize=256)
+def _bound(op: str, ue8m0: int, config_items: tuple) -> dict:
+    config = dict(config_items)
+    kernel, fixed = OPS[op]
+    return {kernel: _launch({"BLOCK_M": config["BLOCK_M"], "UE8M0": ue8m0, **fixed}, config)}
+
+
+def bind(problem: Problem, config: dict) -> dict:
+    """{kernel name: launch keyword arguments}: the one kernel of the problem's op."""
+    if problem.op not in OPS:
+        raise ValueError(f"act_quant op must be one of {sorted(OPS)}, got {problem.op!r}")
+    return _bound(problem.op, int(problem.ue8m0), tuple(sorted(config.items())))
 
 
 def cost(problem: dict) -> tuple[float, float]:
@@ -157,24 +197,24 @@ def silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, M, I, stride_gm, stride_qm, stri
     tl.store(s_ptr + rows * stride_sm + tl.program_id(1), s, mask=rows < M)
 
 
-def compile_specs(problem: dict, config: dict, dtype: str = "bf16") -> list[CompileSpec]:
-    """The kernels (plain, RMSNorm with and without the residual add, SiLU-and-mul) for `dtype` activations."""
-    q = "*u8"
-    act = f"*{dtype}"
-    common = {"BLOCK_M": config["BLOCK_M"], "UE8M0": 0}
-    opts = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
-    const = {name: "constexpr" for name in common}
+def compile_specs(problem, config: dict) -> list[CompileSpec]:
+    """The kernel of the problem's op (plain, RMSNorm with or without the residual add, SiLU-and-mul)."""
+    problem = Problem.of(problem)
+    q, act = "*u8", f"*{problem.dtype}"
     plain = {"x_ptr": act, "q_ptr": q, "s_ptr": "*fp32", "M": "i32", "K": "i32",
-             "stride_xm": "i32", "stride_qm": "i32", "stride_sm": "i32", **const}
+             "stride_xm": "i32", "stride_qm": "i32", "stride_sm": "i32"}
     norm = {"x_ptr": act, "r_ptr": act, "w_ptr": act, "q_ptr": q, "s_ptr": "*fp32", "rout_ptr": act,
             "M": "i32", "K": "i32", "eps": "fp32", "stride_xm": "i32", "stride_rm": "i32", "stride_routm": "i32",
-            "stride_qm": "i32", "stride_sm": "i32", "HAS_RES": "constexpr", **const}
+            "stride_qm": "i32", "stride_sm": "i32"}
     silu = {"gu_ptr": act, "q_ptr": q, "s_ptr": "*fp32", "M": "i32", "I": "i32",
-            "stride_gm": "i32", "stride_qm": "i32", "stride_sm": "i32", **const}
-    return [CompileSpec.make(__name__, "act_quant_kernel", plain, common, **opts),
-            CompileSpec.make(__name__, "rmsnorm_quant_kernel", norm, {**common, "HAS_RES": 1}, **opts),
-            CompileSpec.make(__name__, "rmsnorm_quant_kernel", norm, {**common, "HAS_RES": 0}, **opts),
-            CompileSpec.make(__name__, "silu_mul_quant_kernel", silu, common, **opts)]
+            "stride_gm": "i32", "stride_qm": "i32", "stride_sm": "i32"}
+    sigs = {"act_quant_kernel": plain, "rmsnorm_quant_kernel": norm, "silu_mul_quant_kernel": silu}
+    specs = []
+    for kernel, kw in bind(problem, config).items():
+        consts = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
+        sig = {**sigs[kernel], **{k: "constexpr" for k in consts}}
+        specs.append(CompileSpec.make(__name__, kernel, sig, consts, kw["num_warps"], kw["num_stages"]))
+    return specs
 
 
 def _bits(q):
@@ -182,13 +222,16 @@ def _bits(q):
     return q.view(torch.uint8)
 
 
+def _kw(op: str, ue8m0: bool, config: dict) -> dict:
+    return _bound(op, int(ue8m0), tuple(sorted(config.items())))[OPS[op][0]]
+
+
 def launch_act_quant(x, q, s, ue8m0: bool, config: dict) -> None:
     """x [M, K] -> q [M, K] e4m3, s [M, ceil(K/128)] fp32 (inputs checked by dskc.ops.fp8)."""
     M, K = x.shape
     grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(K, 128))
     act_quant_kernel[grid](x, _bits(q), s, M, K, x.stride(0), q.stride(0), s.stride(0),
-                           BLOCK_M=config["BLOCK_M"], UE8M0=int(ue8m0),
-                           num_warps=config["num_warps"], num_stages=config["num_stages"])
+                           **_kw("quant", ue8m0, config))
 
 
 def launch_rmsnorm_quant(x, residual, weight, eps, q, s, residual_out, ue8m0: bool, config: dict) -> None:
@@ -200,8 +243,7 @@ def launch_rmsnorm_quant(x, residual, weight, eps, q, s, residual_out, ue8m0: bo
     rmsnorm_quant_kernel[(triton.cdiv(M, config["BLOCK_M"]),)](
         x, r, weight, _bits(q), s, rout, M, K, float(eps),
         x.stride(0), r.stride(0), rout.stride(0), q.stride(0), s.stride(0),
-        BLOCK_M=config["BLOCK_M"], HAS_RES=int(has_res), UE8M0=int(ue8m0),
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+        **_kw("add_rmsnorm" if has_res else "rmsnorm", ue8m0, config))
 
 
 def launch_silu_mul_quant(gate_up, q, s, ue8m0: bool, config: dict) -> None:
@@ -210,8 +252,7 @@ def launch_silu_mul_quant(gate_up, q, s, ue8m0: bool, config: dict) -> None:
     inter = two_i // 2
     grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(inter, 128))
     silu_mul_quant_kernel[grid](gate_up, _bits(q), s, M, inter, gate_up.stride(0), q.stride(0),
-                                s.stride(0), BLOCK_M=config["BLOCK_M"], UE8M0=int(ue8m0),
-                                num_warps=config["num_warps"], num_stages=config["num_stages"])
+                                s.stride(0), **_kw("silu_mul", ue8m0, config))
 
 
 def runner(problem: dict, config: dict, device: str, routing=None) -> dict:

@@ -7,14 +7,28 @@ LM head at 16K tokens); the K tail is masked only when K % BLOCK_K != 0 (EVEN_K 
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from dskc.build.triton_xc import CompileSpec
-from dskc.templates.triton._gemm_common import SMEM_LIMIT, num_tiles, tile_coords
+from dskc.templates.triton._gemm_common import SMEM_LIMIT, gemm_rule, num_tiles, tile_coords
+from dskc.templates.triton._problem import ProblemBase, element, launch as _launch
 
 STEM = "bf16_gemm"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem(ProblemBase):
+    """D[M, N] = A[M, K] @ B[N, K]^T, operands and output of `dtype` ("bf16" | "fp16"). M = tokens."""
+    M: int
+    N: int
+    K: int
+    dtype: str = "bf16"
+    BUCKETS = {"M": "pow2"}
 
 SPACE = {
     "BLOCK_M": (16, 32, 64, 128),
@@ -43,7 +57,24 @@ _CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 
 
 def problem_names() -> tuple[str, ...]:
-    return ("M", "N", "K")
+    return Problem.names()
+
+
+def rule(problem: Problem, family: str, base: dict, sms: int, fits) -> dict:
+    """The tuning-free config for `problem` (waves / SM fill; _gemm_common.gemm_rule)."""
+    return gemm_rule(problem.as_dict(), base, sms, fits)
+
+
+@functools.lru_cache(maxsize=256)
+def _bound(even_k: int, config_items: tuple) -> dict:
+    config = dict(config_items)
+    return _launch({**{name: config[name] for name in _CONSTEXPRS}, "EVEN_K": even_k}, config)
+
+
+def bind(problem: Problem, config: dict) -> dict:
+    """{kernel name: launch keyword arguments} for (problem, config): what compile_specs builds and launch passes."""
+    even_k = int(problem.K % config["BLOCK_K"] == 0)
+    return {"bf16_gemm_kernel": _bound(even_k, tuple(sorted(config.items())))}
 
 
 def cost(problem: dict) -> tuple[float, float]:
@@ -82,18 +113,17 @@ def bf16_gemm_kernel(a_ptr, b_ptr, d_ptr, M, N, K, stride_am, stride_bn, stride_
     tl.store(d_ptrs, acc.to(d_ptr.dtype.element_ty), mask=mask)
 
 
-_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
-
-
-def compile_specs(problem: dict, config: dict, dtype: torch.dtype = torch.bfloat16) -> list[CompileSpec]:
-    """The one kernel of this stem, for operands and output of `dtype`."""
-    sig = {"a_ptr": _TYPES[dtype], "b_ptr": _TYPES[dtype], "d_ptr": _TYPES[dtype]}
+def compile_specs(problem, config: dict) -> list[CompileSpec]:
+    """The one kernel of this stem, for operands and output of the problem's dtype."""
+    problem = Problem.of(problem)
+    t = element(problem.dtype)
+    sig = {"a_ptr": t, "b_ptr": t, "d_ptr": t}
     sig.update({name: "i32" for name in ("M", "N", "K", "stride_am", "stride_bn", "stride_dm")})
-    consts = {name: config[name] for name in _CONSTEXPRS}
-    consts["EVEN_K"] = int(problem["K"] % config["BLOCK_K"] == 0)
+    kw = bind(problem, config)["bf16_gemm_kernel"]
+    consts = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
     sig.update({name: "constexpr" for name in consts})
     return [CompileSpec.make(__name__, "bf16_gemm_kernel", sig, consts,
-                             num_warps=config["num_warps"], num_stages=config["num_stages"])]
+                             num_warps=kw["num_warps"], num_stages=kw["num_stages"])]
 
 
 def launch(a, b, out, config: dict) -> None:
@@ -101,9 +131,8 @@ def launch(a, b, out, config: dict) -> None:
     M, K = a.shape
     N = b.shape[0]
     grid = (num_tiles(M, N, config["BLOCK_M"], config["BLOCK_N"]),)
-    bf16_gemm_kernel[grid](a, b, out, M, N, K, a.stride(0), b.stride(0), out.stride(0),
-                           **{name: config[name] for name in _CONSTEXPRS}, EVEN_K=int(K % config["BLOCK_K"] == 0),
-                           num_warps=config["num_warps"], num_stages=config["num_stages"])
+    kw = bind(Problem(M, N, K), config)["bf16_gemm_kernel"]
+    bf16_gemm_kernel[grid](a, b, out, M, N, K, a.stride(0), b.stride(0), out.stride(0), **kw)
 
 
 def runner(problem: dict, config: dict, device: str, routing=None) -> dict:

@@ -13,14 +13,28 @@ bytes and decodes them to fp16 before the dot (exact: every e4m3 value is an fp1
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from dskc.build.triton_xc import CompileSpec
-from dskc.templates.triton._gemm_common import SMEM_LIMIT, e4m3_bits_to_fp16, num_tiles, tile_coords
+from dskc.templates.triton._gemm_common import SMEM_LIMIT, e4m3_bits_to_fp16, gemm_rule, num_tiles, tile_coords
+from dskc.templates.triton._problem import ProblemBase, element, launch as _launch
 
 STEM = "fp8_gemm_1d2d"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem(ProblemBase):
+    """D[M, N] (out_dtype) = A[M, K] e4m3 x B[N, K] e4m3, 1x128 / 128x128 scales. M = tokens."""
+    M: int
+    N: int
+    K: int
+    out_dtype: str = "bf16"
+    BUCKETS = {"M": "pow2"}
 
 SPACE = {
     "BLOCK_M": (16, 32, 64, 128),
@@ -58,7 +72,23 @@ _CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "UPCAST")
 
 
 def problem_names() -> tuple[str, ...]:
-    return ("M", "N", "K")
+    return Problem.names()
+
+
+def rule(problem: Problem, family: str, base: dict, sms: int, fits) -> dict:
+    """The tuning-free config for `problem` (waves / SM fill, split-K at small M; _gemm_common.gemm_rule)."""
+    return gemm_rule(problem.as_dict(), base, sms, fits)
+
+
+@functools.lru_cache(maxsize=256)
+def _bound(config_items: tuple) -> dict:
+    config = dict(config_items)
+    return _launch({name: config[name] for name in _CONSTEXPRS}, config)
+
+
+def bind(problem: Problem, config: dict) -> dict:
+    """{kernel name: launch keyword arguments} for (problem, config): what compile_specs builds and launch passes."""
+    return {"fp8_gemm_1d2d_kernel": _bound(tuple(sorted(config.items())))}
 
 
 def cost(problem: dict) -> tuple[float, float]:
@@ -125,24 +155,22 @@ def fp8_gemm_1d2d_kernel(a_ptr, b_ptr, d_ptr, sa_ptr, sb_ptr, M, N, K,
     tl.store(d_ptrs, acc.to(d_ptr.dtype.element_ty), mask=mask)
 
 
-def _type(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-
-
-def compile_specs(problem: dict, config: dict, out_dtype: torch.dtype = torch.bfloat16) -> list[CompileSpec]:
+def compile_specs(problem, config: dict) -> list[CompileSpec]:
     """The one kernel of this stem; with SPLIT_K > 1 it writes an fp32 workspace."""
-    d_type = "*fp32" if config["SPLIT_K"] > 1 else _type(out_dtype)
+    problem = Problem.of(problem)
+    d_type = "*fp32" if config["SPLIT_K"] > 1 else element(problem.out_dtype)
     ab = "*u8" if config["UPCAST"] else "*fp8e4nv"
     sig = {"a_ptr": ab, "b_ptr": ab, "d_ptr": d_type, "sa_ptr": "*fp32", "sb_ptr": "*fp32"}
     sig.update({name: "i32" for name in ("M", "N", "K", "stride_am", "stride_bn", "stride_dm", "stride_dsplit",
                                          "stride_sam", "stride_sak", "stride_sbn", "stride_sbk")})
-    consts = {name: config[name] for name in _CONSTEXPRS}
+    kw = bind(problem, config)["fp8_gemm_1d2d_kernel"]
+    consts = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
     sig.update({name: "constexpr" for name in consts})
     return [CompileSpec.make(__name__, "fp8_gemm_1d2d_kernel", sig, consts,
-                             num_warps=config["num_warps"], num_stages=config["num_stages"])]
+                             num_warps=kw["num_warps"], num_stages=kw["num_stages"])]
 
 
-def launch(a, sa, b, sb, out, config: dict) -> None:
+def launch(a, sa, b, sb, out, config: dict, problem: Problem | None = None) -> None:
     """Run the kernel on checked inputs (dskc.ops.fp8.fp8_gemm does the checking): out[M, N] is written."""
     M, K = a.shape
     N = b.shape[0]
@@ -154,9 +182,7 @@ def launch(a, sa, b, sb, out, config: dict) -> None:
     fp8_gemm_1d2d_kernel[grid](
         a, b, target, sa, sb, M, N, K,
         a.stride(0), b.stride(0), target.stride(-2), target.stride(0) if split > 1 else 0,
-        sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1),
-        **{name: config[name] for name in _CONSTEXPRS},
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+        sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1), **bind(problem, config)["fp8_gemm_1d2d_kernel"])
     if split > 1:
         torch.sum(target, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(target.sum(dim=0))
 

@@ -22,13 +22,36 @@ ROW_WEIGHT = 1 multiplies each row by rw[row] (the routing weight) before the st
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import triton
 import triton.language as tl
 
 from dskc.build.triton_xc import CompileSpec
 from dskc.templates.triton._moe_common import to_e4m3
+from dskc.templates.triton._problem import ProblemBase, element, launch as _launch, pow2
 
 STEM = "grouped_gemm"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem(ProblemBase):
+    """E experts; M rows of the layout (contiguous: the padded row space; masked: E * M_max); N output columns
+    (N_out: the SwiGLU epilogues read 2N weight rows); K; dtype of A and B ("fp8" | "bf16" | "fp16");
+    layout "contiguous" | "masked"; epilogue "none" | "swiglu" | "swiglu_quant" | "weight"; rows_per_id: rows
+    sharing one expert id (1: DeepGEMM's m_indices or the masked layout; align: dskc's per-block `block_expert`);
+    out_dtype: C's dtype unless the epilogue quantises ("bf16" | "fp16" | "fp32")."""
+    E: int
+    M: int
+    N: int
+    K: int
+    dtype: str = "fp8"
+    layout: str = "contiguous"
+    epilogue: str = "none"
+    rows_per_id: int = 1
+    out_dtype: str = "bf16"
+    BUCKETS = {"M": "pow2"}
 
 SMEM_LIMIT = 232448  # bytes per block on sm_90 (REFERENCE.md section 4)
 
@@ -71,7 +94,36 @@ EPILOGUES = {"none": 0, "swiglu": 1, "swiglu_quant": 2, "weight": 0}
 
 
 def problem_names() -> tuple[str, ...]:
-    return ("E", "M", "N", "K", "dtype", "layout", "epilogue")
+    return Problem.names()
+
+
+def rule(problem: Problem, family: str, base: dict, sms: int, fits) -> dict:
+    """Masked layout (decode): M-blocks past an expert's rows return at once, so the tile height follows the rows
+    per expert (16..64, 4 warps under 64 rows); the contiguous layout pads every expert to 128 rows: the base."""
+    if problem.layout != "masked":
+        return dict(base)
+    bm = max(16, min(base["BLOCK_M"], pow2(-(-problem.M // max(1, problem.E)))))
+    cfg = {**base, "BLOCK_M": bm, "num_warps": base["num_warps"] if bm >= 64 else 4}
+    return cfg if fits(cfg) else dict(base)
+
+
+@functools.lru_cache(maxsize=512)
+def _bound(problem: "Problem", config_items: tuple, interpret: bool) -> dict:
+    config = dict(config_items)
+    cx = {"FP8": int(problem.dtype == "fp8"), "MASKED": int(problem.layout == "masked"),
+          "ROWS_PER_ID": problem.rows_per_id, "EPILOGUE": EPILOGUES[problem.epilogue],
+          "ROW_WEIGHT": int(problem.epilogue == "weight"), "BLOCK_M": config["BLOCK_M"],
+          "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"], "INTERP_FIX": int(interpret)}
+    return {"grouped_gemm_kernel": _launch(cx, config)}
+
+
+def bind(problem: Problem, config: dict, interpret: bool = False) -> dict:
+    """{kernel name: launch keyword arguments} for (problem, config); `interpret` sets INTERP_FIX (1 only under
+    TRITON_INTERPRET: a GPU launch and every shipped cubin have 0)."""
+    if problem.epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {sorted(EPILOGUES)}, got {problem.epilogue!r}")
+    key = dataclasses.replace(problem, E=0, M=0, N=0, K=0)   # the constexprs depend on none of the sizes
+    return _bound(key, tuple(sorted(config.items())), bool(interpret))
 
 
 def cost(problem: dict) -> tuple[float, float]:
@@ -84,22 +136,27 @@ def cost(problem: dict) -> tuple[float, float]:
     return 2.0 * m * wide * n * k, float(elt * (m * k + e * wide * n * k) + scales + m * out)
 
 
-def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
-    fp8 = problem["dtype"] == "fp8"
-    op = "*fp8e4nv" if fp8 else ("*bf16" if problem["dtype"] == "bf16" else "*fp16")
-    epi = problem["epilogue"]
-    out = "*fp8e4nv" if epi == "swiglu_quant" else ("*fp16" if problem["dtype"] == "fp16" else "*bf16")
-    masked = problem["layout"] == "masked"
+def compile_specs(problem, config: dict) -> list[CompileSpec]:
+    problem = Problem.of(problem)
+    fp8 = problem.dtype == "fp8"
+    op = element(problem.dtype)
+    out = "*fp8e4nv" if problem.epilogue == "swiglu_quant" else element(problem.out_dtype)
     sig = {"a_ptr": op, "sa_ptr": "*fp32", "b_ptr": op, "bu_ptr": op, "sb_ptr": "*fp32", "sbu_ptr": "*fp32",
            "c_ptr": out, "sc_ptr": "*fp32", "eid_ptr": "*i32", "mcount_ptr": "*i32", "rw_ptr": "*fp32",
            "M": "i32", "N_OUT": "i32", "K": "i32", "M_MAX": "i32", "stride_be": "i32", "stride_sbe": "i32",
            "stride_sae": "i32", "stride_sam": "i32", "stride_sak": "i32"}
-    cx = {"FP8": int(fp8), "MASKED": int(masked), "ROWS_PER_ID": 1, "EPILOGUE": EPILOGUES[epi],
-          "ROW_WEIGHT": int(epi == "weight"), "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
-          "BLOCK_K": config["BLOCK_K"], "INTERP_FIX": 0}
+    # the launcher passes the int32 expert-id tensor in place of every pointer the problem leaves unused
+    swiglu = problem.epilogue.startswith("swiglu")
+    unused = [] if fp8 else ["sa_ptr", "sb_ptr"]
+    unused += [] if fp8 and swiglu else ["sbu_ptr"]
+    unused += [] if problem.epilogue == "swiglu_quant" else ["sc_ptr"]
+    unused += [] if problem.epilogue == "weight" else ["rw_ptr"]
+    sig.update({name: "*i32" for name in unused})
+    kw = bind(problem, config)["grouped_gemm_kernel"]
+    cx = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
     sig.update({k: "constexpr" for k in cx})
-    return [CompileSpec.make(__name__, "grouped_gemm_kernel", sig, cx, num_warps=config["num_warps"],
-                             num_stages=config["num_stages"])]
+    return [CompileSpec.make(__name__, "grouped_gemm_kernel", sig, cx, num_warps=kw["num_warps"],
+                             num_stages=kw["num_stages"])]
 
 
 @triton.jit

@@ -17,12 +17,35 @@ columns of one operand at once.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import triton
 import triton.language as tl
 
 from dskc.build.triton_xc import CompileSpec
+from dskc.templates.triton._problem import ProblemBase, element, launch as _launch, pow2
 
 STEM = "mla_decode"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem(ProblemBase):
+    """batch sequences of s_q new query tokens x h_q heads against `seqlen` cached tokens in pages of page_size;
+    kv_fp8: the 656-byte FP8 cache (else a dense cache of `dtype`); dtype of q / out ("bf16" | "fp16" | "fp32");
+    causal: the new tokens see each other causally (applies when s_q > 1)."""
+    batch: int
+    s_q: int
+    h_q: int
+    seqlen: int
+    page_size: int = 64
+    kv_fp8: int = 0
+    dtype: str = "bf16"
+    causal: int = 1
+    BUCKETS = {"batch": "pow2", "s_q": "pow2", "seqlen": "pow2"}
+
+    def __post_init__(self):
+        object.__setattr__(self, "kv_fp8", int(bool(self.kv_fp8)))
+        object.__setattr__(self, "causal", int(bool(self.causal)))
 D_LATENT = 512
 D_ROPE = 64
 D_QK = D_LATENT + D_ROPE
@@ -56,7 +79,35 @@ DEFAULTS = {
 
 
 def problem_names() -> tuple[str, ...]:
-    return ("batch", "s_q", "h_q", "seqlen", "page_size", "kv_fp8")
+    return Problem.names()
+
+
+def rule(problem: Problem, family: str, base: dict, sms: int, fits) -> dict:
+    """Head blocking: BLOCK_M query rows (s_q x h_q) per program. sm_90+ keeps 64 (one wgmma is 64 rows; rows past
+    s_q * h_q are masked, cheap while decode is memory-bound); sm_80 (mma.sync, 16 rows) takes the rows rounded up
+    to 16..64. When the (batch x row-block x value-split) programs leave SMs idle, the 512 value columns are split
+    four ways instead of two (BLOCK_DV 128), twice the programs, each with a smaller accumulator."""
+    rows = problem.s_q * problem.h_q
+    cfg = dict(base)
+    if family == "sm80":
+        cfg["BLOCK_M"] = max(16, min(64, pow2(rows)))
+    programs = problem.batch * -(-rows // cfg["BLOCK_M"]) * (D_LATENT // cfg["BLOCK_DV"])
+    if programs < sms and cfg["BLOCK_DV"] > 128:
+        cfg["BLOCK_DV"] = 128
+    return cfg if fits(cfg) else dict(base)
+
+
+COMBINE = {"BLOCK_R": 8, "num_warps": 4, "num_stages": 1}
+
+
+def bind(problem: Problem, config: dict) -> dict:
+    """{kernel name: launch keyword arguments}: the split kernel and the combine kernel."""
+    fp8 = bool(problem.kv_fp8)
+    split = {"PAGE": problem.page_size, **token_strides(fp8), "CAUSAL": bool(problem.causal) and problem.s_q > 1,
+             "FP8": fp8, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"],
+             "BLOCK_DV": config["BLOCK_DV"]}
+    return {"mla_decode_split_kernel": _launch(split, config),
+            "mla_decode_combine_kernel": _launch({"BLOCK_R": COMBINE["BLOCK_R"]}, COMBINE)}
 
 
 @triton.jit
@@ -219,10 +270,6 @@ def mla_decode_combine_kernel(out_ptr, lse_ptr, oacc_ptr, lacc_ptr, cum_splits_p
         tl.store(lse_ptr + b * stride_lb + h_idx * stride_lh + s_idx, lse, mask=row_mask)
 
 
-def _dtype_sig(problem: dict) -> str:
-    return {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[problem.get("dtype", "bfloat16")]
-
-
 def token_strides(kv_fp8: bool) -> dict:
     """Per-token element strides of the (kv, scale, rope) views of a contiguous cache."""
     if kv_fp8:
@@ -230,29 +277,30 @@ def token_strides(kv_fp8: bool) -> dict:
     return {"TOK": D_QK, "SC_TOK": D_QK, "ROPE_TOK": D_QK}
 
 
-def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
+def compile_specs(problem, config: dict) -> list[CompileSpec]:
     """The split kernel (for the problem's cache format and page size) and the combine kernel."""
-    dt = _dtype_sig(problem)
-    fp8 = bool(problem["kv_fp8"])
+    problem = Problem.of(problem)
+    dt = element(problem.dtype)
+    fp8 = bool(problem.kv_fp8)
     kv_t, sc_t, rope_t = ("*u8", "*fp32", "*bf16") if fp8 else (dt, dt, dt)
-    split_sig = {"q_ptr": dt, "kv_ptr": kv_t, "sc_ptr": sc_t, "rope_ptr": rope_t, "block_table_ptr": "*i32",
-                 "seqlens_ptr": "*i32", "meta_ptr": "*i32", "cum_splits_ptr": "*i32", "out_ptr": dt,
-                 "lse_ptr": "*fp32", "oacc_ptr": "*fp32", "lacc_ptr": "*fp32", "S_Q": "i32", "H_Q": "i32",
-                 "stride_bt": "i32", "stride_lb": "i32", "stride_lh": "i32", "qk_scale": "fp32"}
-    consts = {"PAGE": problem["page_size"], **token_strides(fp8), "CAUSAL": bool(problem.get("causal", problem["s_q"] > 1)),
-              "FP8": fp8, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"],
-              "BLOCK_DV": config["BLOCK_DV"]}
-    split_sig.update({k: "constexpr" for k in consts})
-    split = CompileSpec.make(__name__, "mla_decode_split_kernel", split_sig, consts, config["num_warps"],
-                             config["num_stages"])
-    comb_sig = {"out_ptr": dt, "lse_ptr": "*fp32", "oacc_ptr": "*fp32", "lacc_ptr": "*fp32",
-                "cum_splits_ptr": "*i32", "S_Q": "i32", "H_Q": "i32", "stride_ob": "i32", "stride_os": "i32",
-                "stride_oh": "i32", "stride_lb": "i32", "stride_lh": "i32", "BLOCK_R": "constexpr"}
-    comb = CompileSpec.make(__name__, "mla_decode_combine_kernel", comb_sig, {"BLOCK_R": COMBINE_BLOCK_R}, 4, 1)
-    return [split, comb]
+    sigs = {"mla_decode_split_kernel": {
+        "q_ptr": dt, "kv_ptr": kv_t, "sc_ptr": sc_t, "rope_ptr": rope_t, "block_table_ptr": "*i32",
+        "seqlens_ptr": "*i32", "meta_ptr": "*i32", "cum_splits_ptr": "*i32", "out_ptr": dt, "lse_ptr": "*fp32",
+        "oacc_ptr": "*fp32", "lacc_ptr": "*fp32", "S_Q": "i32", "H_Q": "i32", "stride_bt": "i32",
+        "stride_lb": "i32", "stride_lh": "i32", "qk_scale": "fp32"},
+        "mla_decode_combine_kernel": {
+        "out_ptr": dt, "lse_ptr": "*fp32", "oacc_ptr": "*fp32", "lacc_ptr": "*fp32", "cum_splits_ptr": "*i32",
+        "S_Q": "i32", "H_Q": "i32", "stride_ob": "i32", "stride_os": "i32", "stride_oh": "i32", "stride_lb": "i32",
+        "stride_lh": "i32"}}
+    specs = []
+    for kernel, kw in bind(problem, config).items():
+        cx = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
+        specs.append(CompileSpec.make(__name__, kernel, {**sigs[kernel], **{k: "constexpr" for k in cx}}, cx,
+                                      kw["num_warps"], kw["num_stages"]))
+    return specs
 
 
-COMBINE_BLOCK_R = 8
+COMBINE_BLOCK_R = COMBINE["BLOCK_R"]
 
 
 def cache_bytes_per_token(kv_fp8: bool, elem_bytes: int = 2) -> int:

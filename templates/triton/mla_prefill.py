@@ -11,13 +11,32 @@ Outputs: out [T_q, H, D_V] (q's dtype) and lse [T_q, H] fp32 (natural log; -inf 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import triton
 import triton.language as tl
 
 from dskc.build.triton_xc import CompileSpec
 from dskc.templates.triton._mla_common import DL, DR, store_cache_rows
+from dskc.templates.triton._problem import ProblemBase, element, launch as _launch
 
 STEM = "mla_prefill"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem(ProblemBase):
+    """batch sequences of `seqlen` tokens, `heads` heads, q/k width d_qk, v width d_v, of `dtype`; causal;
+    write_cache: the new tokens' latent into a paged cache (FP8 when kv_fp8)."""
+    batch: int
+    seqlen: int
+    heads: int
+    d_qk: int
+    d_v: int
+    kv_fp8: int = 0
+    dtype: str = "bf16"
+    causal: int = 1
+    write_cache: int = 1
+    BUCKETS = {"batch": "pow2", "seqlen": "pow2"}
 SPACE = {"BLOCK_M": (32, 64, 128), "BLOCK_N": (32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)}
 CONSTRAINTS = ("BLOCK_M * BLOCK_N <= 8192",)
 # 8 warps: with 4 the 64 x 64 tile plus the 512-wide cache-write row spilled ~880 bytes on sm_90a; with 8, 237
@@ -30,7 +49,16 @@ DEFAULTS = {
 
 
 def problem_names() -> tuple[str, ...]:
-    return ("batch", "seqlen", "heads", "d_qk", "d_v", "kv_fp8")
+    return Problem.names()
+
+
+def bind(problem: Problem, config: dict) -> dict:
+    """{kernel name: launch keyword arguments} for (problem, config)."""
+    d_a, d_b = split_qk(problem.d_qk)
+    write = bool(problem.write_cache)
+    consts = {"D_A": d_a, "D_B": d_b, "D_V": problem.d_v, "CAUSAL": bool(problem.causal), "WRITE_CACHE": write,
+              "FP8": write and bool(problem.kv_fp8), "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
+    return {"mla_prefill_kernel": _launch(consts, config)}
 
 
 def split_qk(d_qk: int) -> tuple[int, int]:
@@ -116,22 +144,21 @@ def mla_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr
                                  FP8)
 
 
-def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
-    dt = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[problem.get("dtype", "bfloat16")]
-    fp8 = bool(problem["kv_fp8"])
-    d_a, d_b = split_qk(problem["d_qk"])
+def compile_specs(problem, config: dict) -> list[CompileSpec]:
+    problem = Problem.of(problem)
+    dt = element(problem.dtype)
+    fp8 = bool(problem.kv_fp8) and bool(problem.write_cache)
     sig = {"q_ptr": dt, "k_ptr": dt, "v_ptr": dt, "out_ptr": dt, "lse_ptr": "*fp32", "cu_q_ptr": "*i32",
            "cu_k_ptr": "*i32", "lat_ptr": dt, "krope_ptr": dt, "slots_ptr": "*i32",
-           "cache_ptr": "*u8" if fp8 else dt, "sc_ptr": "*fp32" if fp8 else dt,
-           "crope_ptr": "*bf16" if fp8 else dt}
+           "cache_ptr": "*u8" if fp8 else dt, "sc_ptr": "*fp32" if fp8 else dt, "crope_ptr": "*bf16" if fp8 else dt}
     for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot",
                  "stride_oh", "stride_lt", "stride_lat", "stride_kr"):
         sig[name] = "i32"
     sig["qk_scale"] = "fp32"
-    consts = {"D_A": d_a, "D_B": d_b, "D_V": problem["d_v"], "CAUSAL": True, "WRITE_CACHE": True, "FP8": fp8,
-              "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
+    kw = bind(problem, config)["mla_prefill_kernel"]
+    consts = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
     sig.update({k: "constexpr" for k in consts})
-    return [CompileSpec.make(__name__, "mla_prefill_kernel", sig, consts, config["num_warps"], config["num_stages"])]
+    return [CompileSpec.make(__name__, "mla_prefill_kernel", sig, consts, kw["num_warps"], kw["num_stages"])]
 
 
 def cost(problem: dict) -> tuple[float, float]:

@@ -10,13 +10,31 @@ folded into the frequencies (the model's precompute_rope).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import triton
 import triton.language as tl
 
 from dskc.build.triton_xc import CompileSpec
 from dskc.templates.triton._mla_common import store_cache_rows
+from dskc.templates.triton._problem import ProblemBase, element, launch as _launch, pow2
 
 STEM = "mla_rope"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem(ProblemBase):
+    """`tokens` rows of kv_a and q_pe (h_q heads) of `dtype`; write_cache: into a paged cache (FP8 when kv_fp8)."""
+    tokens: int
+    h_q: int
+    kv_fp8: int = 0
+    dtype: str = "bf16"
+    write_cache: int = 1
+    BUCKETS = {"tokens": "pow2"}
+
+    def __post_init__(self):
+        object.__setattr__(self, "kv_fp8", int(bool(self.kv_fp8)))
+        object.__setattr__(self, "write_cache", int(bool(self.write_cache)))
 SPACE = {"BLOCK_T": (1, 2, 4, 8), "BLOCK_H": (1, 4, 16), "num_warps": (1, 2, 4)}
 CONSTRAINTS = ("BLOCK_H <= max(4, h_q)",)  # more heads per step than exist is waste
 DEFAULTS = {
@@ -27,7 +45,22 @@ DEFAULTS = {
 
 
 def problem_names() -> tuple[str, ...]:
-    return ("tokens", "h_q", "kv_fp8")
+    return Problem.names()
+
+
+def rule(problem: Problem, family: str, base: dict, sms: int, fits) -> dict:
+    """Tokens per program: the base's 4, or fewer when there are fewer tokens (one token: one warp)."""
+    bt = min(base["BLOCK_T"], pow2(problem.tokens))
+    cfg = {**base, "BLOCK_T": bt, "num_warps": min(base["num_warps"], max(1, bt))}
+    return cfg if fits(cfg) else dict(base)
+
+
+def bind(problem: Problem, config: dict) -> dict:
+    """{kernel name: launch keyword arguments} for (problem, config)."""
+    write = bool(problem.write_cache)
+    consts = {"BLOCK_T": config["BLOCK_T"], "BLOCK_H": config["BLOCK_H"], "WRITE_CACHE": write,
+              "FP8": write and bool(problem.kv_fp8)}
+    return {"mla_rope_norm_kernel": _launch(consts, config, num_stages=1)}
 
 
 @triton.jit
@@ -77,17 +110,19 @@ def mla_rope_norm_kernel(kv_a_ptr, weight_ptr, rope_tab_ptr, pos_ptr, q_ptr, kv_
         tl.store(qp + 1, qo.to(q_ptr.dtype.element_ty), mask=m)
 
 
-def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
-    dt = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[problem.get("dtype", "bfloat16")]
-    fp8 = bool(problem["kv_fp8"])
+def compile_specs(problem, config: dict) -> list[CompileSpec]:
+    problem = Problem.of(problem)
+    dt = element(problem.dtype)
+    fp8 = bool(problem.kv_fp8) and bool(problem.write_cache)
+    cache = ("*u8", "*fp32", "*bf16") if fp8 else ((dt, dt, dt) if problem.write_cache else (dt, dt, dt))
     sig = {"kv_a_ptr": dt, "weight_ptr": dt, "rope_tab_ptr": "*fp32", "pos_ptr": "*i32", "q_ptr": dt,
-           "kv_out_ptr": dt, "pe_out_ptr": dt, "slots_ptr": "*i32",
-           "cache_ptr": "*u8" if fp8 else dt, "sc_ptr": "*fp32" if fp8 else dt,
-           "crope_ptr": "*bf16" if fp8 else dt, "T": "i32", "H": "i32", "stride_kv_t": "i32", "stride_qt": "i32",
+           "kv_out_ptr": dt, "pe_out_ptr": dt, "slots_ptr": "*i32", "cache_ptr": cache[0], "sc_ptr": cache[1],
+           "crope_ptr": cache[2], "T": "i32", "H": "i32", "stride_kv_t": "i32", "stride_qt": "i32",
            "stride_qh": "i32", "eps": "fp32"}
-    consts = {"BLOCK_T": config["BLOCK_T"], "BLOCK_H": config["BLOCK_H"], "WRITE_CACHE": True, "FP8": fp8}
+    kw = bind(problem, config)["mla_rope_norm_kernel"]
+    consts = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
     sig.update({k: "constexpr" for k in consts})
-    return [CompileSpec.make(__name__, "mla_rope_norm_kernel", sig, consts, config["num_warps"], 1)]
+    return [CompileSpec.make(__name__, "mla_rope_norm_kernel", sig, consts, kw["num_warps"], kw["num_stages"])]
 
 
 def cost(problem: dict) -> tuple[float, float]:

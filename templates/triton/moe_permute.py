@@ -22,13 +22,33 @@ Kernels (all deterministic; no atomics anywhere):
 """
 from __future__ import annotations
 
+import dataclasses
+
 import triton
 import triton.language as tl
 
 from dskc.build.triton_xc import CompileSpec
 from dskc.templates.triton._moe_common import to_e4m3
+from dskc.templates.triton._problem import ProblemBase, element, launch as _launch
 
 STEM = "moe_permute"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem(ProblemBase):
+    """T tokens x top_k assignments over E experts, D channels; the contiguous layout pads each expert to `align`
+    rows (masked = 1: [E, T] rows); quant: the gather quantises x (`dtype`) to e4m3; shared: the combine adds the
+    shared experts' output."""
+    T: int
+    E: int
+    top_k: int
+    D: int
+    align: int = 128
+    masked: int = 0
+    quant: int = 1
+    dtype: str = "bf16"
+    shared: int = 1
+    BUCKETS = {"T": "pow2"}
 
 SPACE = {
     "BLOCK_A": (32, 64, 128, 256),   # assignments per program of the count / scatter kernels
@@ -56,7 +76,38 @@ DEFAULTS = {"sm80": dict(_DEFAULT), "sm90": dict(_DEFAULT), "sm100": dict(_DEFAU
 
 
 def problem_names() -> tuple[str, ...]:
-    return ("T", "E", "top_k", "D", "align", "masked")
+    return Problem.names()
+
+
+def align_kwargs(E: int, align: int, masked: int, config: dict) -> dict:
+    """Launch keyword arguments of moe_align's kernels (count, scan, scatter, fill)."""
+    be = triton.next_power_of_2(max(E, 2))
+    base = {"E": E, "BLOCK_E": be}
+    return {"moe_count_kernel": _launch({**base, "BLOCK_A": config["BLOCK_A"]}, config, 1),
+            "moe_scan_kernel": _launch({**base, "ALIGN": align, "MASKED": int(masked), "BLOCK_C": config["BLOCK_C"]},
+                                       config, 1),
+            "moe_scatter_kernel": _launch({**base, "MASKED": int(masked), "BLOCK_A": config["BLOCK_A"]}, config, 1),
+            "moe_fill_rows_kernel": _launch({**base, "ALIGN": align, "MASKED": int(masked),
+                                             "BLOCK_R": config["BLOCK_R"]}, config, 1)}
+
+
+def gather_kwargs(quant: int, config: dict, interpret: bool = False) -> dict:
+    """Launch keyword arguments of moe_gather's kernel (INTERP_FIX = 1 only under TRITON_INTERPRET)."""
+    return _launch({"QUANT": int(quant), "ROWS": config["GATHER_ROWS"], "BLOCK_N": config["BLOCK_N"],
+                    "INTERP_FIX": int(interpret)}, config, 1)
+
+
+def combine_kwargs(top_k: int, shared: int, config: dict) -> dict:
+    """Launch keyword arguments of moe_combine's kernel."""
+    return _launch({"TOP_K": top_k, "HAS_SHARED": int(shared), "BLOCK_T": config["COMBINE_T"],
+                    "BLOCK_N": config["BLOCK_N"]}, config, 1)
+
+
+def bind(problem: Problem, config: dict, interpret: bool = False) -> dict:
+    """{kernel name: launch keyword arguments} of every kernel the problem launches."""
+    return {**align_kwargs(problem.E, problem.align, problem.masked, config),
+            "moe_gather_kernel": gather_kwargs(problem.quant, config, interpret),
+            "moe_combine_kernel": combine_kwargs(problem.top_k, problem.shared, config)}
 
 
 def cost(problem: dict) -> tuple[float, float]:
@@ -70,48 +121,29 @@ def row_space(n_assign: int, E: int, align: int) -> int:
     return triton.cdiv(n_assign + E * (align - 1), align) * align
 
 
-def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
-    e, masked = problem["E"], int(bool(problem["masked"]))
-    be = triton.next_power_of_2(max(e, 2))
-    w = config["num_warps"]
-    bc = {"E": e, "BLOCK_E": be, "BLOCK_A": config["BLOCK_A"]}
-    count = CompileSpec.make(
-        __name__, "moe_count_kernel",
-        {"ids_ptr": "*i32", "chunk_ptr": "*i32", "A": "i32", "E": "constexpr", "BLOCK_E": "constexpr",
-         "BLOCK_A": "constexpr"}, bc, num_warps=w, num_stages=1)
-    scan = CompileSpec.make(
-        __name__, "moe_scan_kernel",
-        {"chunk_ptr": "*i32", "base_ptr": "*i32", "counts_ptr": "*i32", "starts_ptr": "*i32", "n_chunks": "i32",
-         "M_MAX": "i32", "E": "constexpr", "BLOCK_E": "constexpr", "ALIGN": "constexpr", "MASKED": "constexpr",
-         "BLOCK_C": "constexpr"},
-        {"E": e, "BLOCK_E": be, "ALIGN": problem["align"], "MASKED": masked, "BLOCK_C": config["BLOCK_C"]},
-        num_warps=w, num_stages=1)
-    scatter = CompileSpec.make(
-        __name__, "moe_scatter_kernel",
-        {"ids_ptr": "*i32", "base_ptr": "*i32", "starts_ptr": "*i32", "dest_ptr": "*i32", "sorted_ptr": "*i32",
-         "A": "i32", "M_MAX": "i32", "E": "constexpr", "BLOCK_E": "constexpr", "MASKED": "constexpr",
-         "BLOCK_A": "constexpr"}, {**bc, "MASKED": masked}, num_warps=w, num_stages=1)
-    fill = CompileSpec.make(
-        __name__, "moe_fill_rows_kernel",
-        {"counts_ptr": "*i32", "starts_ptr": "*i32", "sorted_ptr": "*i32", "m_idx_ptr": "*i32",
-         "block_expert_ptr": "*i32", "R": "i32", "M_MAX": "i32", "E": "constexpr", "BLOCK_E": "constexpr",
-         "ALIGN": "constexpr", "MASKED": "constexpr", "BLOCK_R": "constexpr"},
-        {"E": e, "BLOCK_E": be, "ALIGN": problem["align"], "MASKED": masked, "BLOCK_R": config["BLOCK_R"]},
-        num_warps=w, num_stages=1)
-    gather = CompileSpec.make(
-        __name__, "moe_gather_kernel",
-        {"x_ptr": "*bf16", "sorted_ptr": "*i32", "w_ptr": "*fp32", "a_ptr": "*fp8e4nv", "sa_ptr": "*fp32",
-         "rw_ptr": "*fp32", "R": "i32", "D": "i32", "TOP_K": "i32", "QUANT": "constexpr", "ROWS": "constexpr",
-         "BLOCK_N": "constexpr", "INTERP_FIX": "constexpr"},
-        {"QUANT": 1, "ROWS": config["GATHER_ROWS"], "BLOCK_N": config["BLOCK_N"], "INTERP_FIX": 0},
-        num_warps=w, num_stages=1)
-    combine = CompileSpec.make(
-        __name__, "moe_combine_kernel",
-        {"y_ptr": "*bf16", "dest_ptr": "*i32", "shared_ptr": "*bf16", "out_ptr": "*bf16", "T": "i32", "N": "i32",
-         "TOP_K": "constexpr", "HAS_SHARED": "constexpr", "BLOCK_T": "constexpr", "BLOCK_N": "constexpr"},
-        {"TOP_K": problem["top_k"], "HAS_SHARED": 1, "BLOCK_T": config["COMBINE_T"], "BLOCK_N": config["BLOCK_N"]},
-        num_warps=w, num_stages=1)
-    return [count, scan, scatter, fill, gather, combine]
+def compile_specs(problem, config: dict) -> list[CompileSpec]:
+    problem = Problem.of(problem)
+    act = element(problem.dtype)
+    sigs = {
+        "moe_count_kernel": {"ids_ptr": "*i32", "chunk_ptr": "*i32", "A": "i32"},
+        "moe_scan_kernel": {"chunk_ptr": "*i32", "base_ptr": "*i32", "counts_ptr": "*i32", "starts_ptr": "*i32",
+                            "n_chunks": "i32", "M_MAX": "i32"},
+        "moe_scatter_kernel": {"ids_ptr": "*i32", "base_ptr": "*i32", "starts_ptr": "*i32", "dest_ptr": "*i32",
+                               "sorted_ptr": "*i32", "A": "i32", "M_MAX": "i32"},
+        "moe_fill_rows_kernel": {"counts_ptr": "*i32", "starts_ptr": "*i32", "sorted_ptr": "*i32",
+                                 "m_idx_ptr": "*i32", "block_expert_ptr": "*i32", "R": "i32", "M_MAX": "i32"},
+        "moe_gather_kernel": {"x_ptr": act, "sorted_ptr": "*i32", "w_ptr": "*fp32",
+                              "a_ptr": "*fp8e4nv" if problem.quant else act, "sa_ptr": "*fp32", "rw_ptr": "*fp32",
+                              "R": "i32", "D": "i32", "TOP_K": "i32"},
+        "moe_combine_kernel": {"y_ptr": act, "dest_ptr": "*i32", "shared_ptr": act, "out_ptr": act, "T": "i32",
+                               "N": "i32"},
+    }
+    specs = []
+    for kernel, kw in bind(problem, config).items():
+        cx = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
+        specs.append(CompileSpec.make(__name__, kernel, {**sigs[kernel], **{k: "constexpr" for k in cx}}, cx,
+                                      num_warps=kw["num_warps"], num_stages=kw["num_stages"]))
+    return specs
 
 
 @triton.jit

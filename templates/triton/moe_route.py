@@ -19,12 +19,32 @@ row, unrolled at compile time (E = 256, TOP_K = 8, 8 groups: 8 + 4 + 8 reduction
 """
 from __future__ import annotations
 
+import dataclasses
+
 import triton
 import triton.language as tl
 
 from dskc.build.triton_xc import CompileSpec
+from dskc.templates.triton._problem import ProblemBase, launch as _launch, pow2
 
 STEM = "moe_route"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem(ProblemBase):
+    """T tokens routed over E experts: top_k, group limits, sigmoid (1) or softmax (0) scores, a bias or not."""
+    T: int
+    E: int
+    top_k: int
+    n_groups: int = 1
+    n_limited_groups: int = 1
+    sigmoid: int = 0
+    has_bias: int = 0
+    BUCKETS = {"T": "pow2"}
+
+    def __post_init__(self):
+        object.__setattr__(self, "sigmoid", int(bool(self.sigmoid)))
+        object.__setattr__(self, "has_bias", int(bool(self.has_bias)))
 
 SPACE = {
     "BLOCK_T": (1, 2, 4, 8, 16, 32),
@@ -43,7 +63,13 @@ DEFAULTS = {
 
 
 def problem_names() -> tuple[str, ...]:
-    return ("T", "E", "top_k", "n_groups", "n_limited_groups", "sigmoid", "has_bias")
+    return Problem.names()
+
+
+def rule(problem: Problem, family: str, base: dict, sms: int, fits) -> dict:
+    """Tokens per program: the base's 4, or fewer when there are fewer tokens."""
+    cfg = {**base, "BLOCK_T": min(base["BLOCK_T"], pow2(problem.T))}
+    return cfg if fits(cfg) else dict(base)
 
 
 def cost(problem: dict) -> tuple[float, float]:
@@ -57,21 +83,28 @@ def block_e(E: int) -> int:
     return triton.next_power_of_2(max(E, 2))
 
 
-def constexprs(problem: dict, config: dict) -> dict:
+def constexprs(problem, config: dict) -> dict:
     """The kernel's compile-time arguments for a problem and config."""
-    return {"E": problem["E"], "BLOCK_E": block_e(problem["E"]), "N_GROUPS": problem["n_groups"],
-            "N_LIMITED": problem["n_limited_groups"], "BLOCK_G": triton.next_power_of_2(problem["n_groups"]),
-            "TOP_K": problem["top_k"], "BLOCK_K": triton.next_power_of_2(problem["top_k"]),
-            "SIGMOID": int(bool(problem["sigmoid"])), "HAS_BIAS": int(bool(problem["has_bias"])),
+    p = Problem.of(problem)
+    return {"E": p.E, "BLOCK_E": block_e(p.E), "N_GROUPS": p.n_groups, "N_LIMITED": p.n_limited_groups,
+            "BLOCK_G": triton.next_power_of_2(p.n_groups), "TOP_K": p.top_k,
+            "BLOCK_K": triton.next_power_of_2(p.top_k), "SIGMOID": p.sigmoid, "HAS_BIAS": p.has_bias,
             "BLOCK_T": config["BLOCK_T"]}
 
 
-def compile_specs(problem: dict, config: dict) -> list[CompileSpec]:
+def bind(problem: Problem, config: dict) -> dict:
+    """{kernel name: launch keyword arguments} for (problem, config)."""
+    return {"moe_route_kernel": _launch(constexprs(problem, config), config, num_stages=1)}
+
+
+def compile_specs(problem, config: dict) -> list[CompileSpec]:
     sig = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i32", "T": "i32",
            "route_scale": "fp32"}
-    cx = constexprs(problem, config)
+    kw = bind(Problem.of(problem), config)["moe_route_kernel"]
+    cx = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
     sig.update({k: "constexpr" for k in cx})
-    return [CompileSpec.make(__name__, "moe_route_kernel", sig, cx, num_warps=config["num_warps"], num_stages=1)]
+    return [CompileSpec.make(__name__, "moe_route_kernel", sig, cx, num_warps=kw["num_warps"],
+                             num_stages=kw["num_stages"])]
 
 
 @triton.jit
