@@ -139,7 +139,7 @@ def _entry(stem, problem, arch, timing, triton, best: Timed, timed: list) -> dic
         toolchain["nvcc"] = nvcc.nvcc_version()
     except Exception as exc:  # recorded, not fatal: model mode needs no nvcc
         toolchain["nvcc"] = f"unavailable: {exc}"[:80]
-    return {"op": stem, "bucket": reader.bucket(problem), "problem": dict(problem),
+    return {"op": stem, "bucket": reader.bucket(problem, stem), "problem": dict(problem),
             "backend": "cutlass" if best.seconds < t_s else "triton",
             "stem": best.stem, "config": dict(best.config),
             "triton_us": t_s * 1e6, "cutlass_us": best.seconds * 1e6 if math.isfinite(best.seconds) else None,

@@ -234,7 +234,7 @@ def _compare_backends(args) -> int:
     stems = [s for s in _kernels(args) if s in ("fp8_gemm_1d2d", "bf16_gemm", "grouped_gemm")]
     for stem in stems:
         for problem in _problems(args, stem):
-            key = (stem, tuple(sorted(bucket(problem).items())))
+            key = (stem, tuple(sorted(bucket(problem, stem).items())))
             if key in seen or cutlass_op(stem, problem) is None:
                 continue
             seen.add(key)

@@ -3,7 +3,8 @@
 The stem module (templates/triton/<stem>.py) declares SPACE, CONSTRAINTS and DEFAULTS. The autotune side lives in
 `autotune/spaces/<stem>.json` (all fields optional):
 
-    {"buckets":  {"M": "pow2"},               # problem field -> "pow2" (round up to a power of two) | "exact"
+    {"buckets":  {"M": "pow2"},               # test stems only (a registered stem's Problem.BUCKETS rule):
+                                              # problem field -> "pow2" (round up to a power of two) | "exact"
      "tiles":    {"M": "BLOCK_M"},            # problem field -> config block size (grid + padding, MODEL only);
                                               # default: BLOCK_<field> when the space has it, K excepted
      "batch":    ["E"],                       # problem fields that multiply the grid (MODEL only)
@@ -12,7 +13,9 @@ The stem module (templates/triton/<stem>.py) declares SPACE, CONSTRAINTS and DEF
      "vllm_names": {"BLOCK_SIZE_M": "BLOCK_M", ...}}   # how vLLM/SGLang config keys map onto this space
 
 A stem module may carry the same dict as `AUTOTUNE` (used by test stems); the JSON file wins field by field.
-Fields of the problem not named in "buckets" are bucketed "pow2" when called M (token counts), else "exact".
+A registered stem's problem is its `Problem` dataclass (dskc.templates.triton.<stem>): its fields and BUCKETS are the
+ones selection and the runtime's config tables use, so an export matches the compiled model's problems. For a test
+stem without one, fields not named in "buckets" are bucketed "pow2" when called M (token counts), else "exact".
 """
 from __future__ import annotations
 
@@ -96,7 +99,11 @@ def load_space(stem: str | ModuleType) -> TuneSpace:
 
 
 def check_problem(space: TuneSpace, problem: dict) -> dict:
-    """The problem restricted to the stem's fields; ValueError naming missing or non-positive fields."""
+    """The problem restricted to the stem's fields (a registered stem's Problem fills the fields it has defaults
+    for); ValueError naming missing fields."""
+    prob_type = getattr(space.module, "Problem", None)
+    if prob_type is not None:
+        return prob_type.of(problem).as_dict()
     names = tuple(space.module.problem_names())
     missing = [n for n in names if n not in problem]
     if missing:
@@ -105,6 +112,11 @@ def check_problem(space: TuneSpace, problem: dict) -> dict:
 
 
 def bucket_kinds(space: TuneSpace) -> dict:
+    """problem field -> "pow2" | "exact": the stem Problem's BUCKETS (the same buckets selection and the runtime
+    tables use); a test stem without a Problem declares them in its data (default: M pow2, the rest exact)."""
+    prob_type = getattr(space.module, "Problem", None)
+    if prob_type is not None:
+        return {n: prob_type.BUCKETS.get(n, "exact") for n in prob_type.names()}
     declared = space.data.get("buckets", {})
     return {n: declared.get(n, "pow2" if n == "M" else "exact") for n in space.module.problem_names()}
 

@@ -22,8 +22,13 @@ from dskc.capture.regions import find_regions
 from dskc.ir.graph import Graph, Op
 from dskc.lower.passes import Options, lower
 from dskc.select.choose import choose
+from dskc.select.launches import Context
+from dskc.templates.triton._problem import pow2
 
 log = logging.getLogger("dskc.compile")
+
+
+DEFAULT_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)   # token-count buckets planned when none are named
 
 
 @dataclasses.dataclass
@@ -31,11 +36,14 @@ class Plan:
     target: Arch
     graph: Graph
     dumps: list                       # (pass name, graph after it)
-    choices: list                     # Choice per kernel of every lowered node
+    choices: list                     # Choice per (region, launch slot, token bucket) of every lowered node
     fallbacks: list                   # (region, reason)
+    tokens: tuple = (64,)             # the token-count buckets the tables hold (a count between two takes the
+                                      # next one up; past the last, the last)
     reports: dict = dataclasses.field(default_factory=dict)   # (stem, problem, config) -> KernelReport | error
     capture: dict = dataclasses.field(default_factory=dict)   # how the regions were found (see plan's capture)
     libraries: dict = dataclasses.field(default_factory=dict)  # (stem, problem, config) -> NvccBuild (CUTLASS)
+    specs: dict = dataclasses.field(default_factory=dict)      # CompileSpec -> KernelReport | CompileError
 
 
 def _find(model: nn.Module, capture: str, example_inputs) -> tuple[Graph, dict]:
@@ -60,20 +68,64 @@ def _find(model: nn.Module, capture: str, example_inputs) -> tuple[Graph, dict]:
                    "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def plan(model: nn.Module, target="sm90a", options: Options = Options(), m_hint: int = 64,
-         runs_on: str = "gpu", capture: str = "module", example_inputs=None) -> Plan:
+def _act_dtype(model: nn.Module) -> str:
+    """The model's activation dtype name: its `dtype` (dskc's Transformer) or its first floating parameter's."""
+    dt = getattr(model, "dtype", None)
+    if not isinstance(dt, torch.dtype):
+        dt = next((p.dtype for p in model.parameters() if p.is_floating_point() and p.element_size() > 1),
+                  torch.bfloat16)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dt, "bf16")
+
+
+def _context(model: nn.Module, graph: Graph, runs_on: str) -> Context:
+    """What selection needs to know of the model beyond the IR: dtype, cache capacity, shared experts' widths."""
+    args = getattr(model, "args", None)
+    shared = []
+    for n in graph.by_op(Op.MOE):
+        se = getattr(model.get_submodule(n.name), "shared_experts", None)
+        if se is not None:
+            shared.append((n.name, se.w1.weight.shape[0]))
+    return Context(_act_dtype(model), runs_on, getattr(args, "max_seq_len", 4096), tuple(shared))
+
+
+def default_tokens(model: nn.Module) -> tuple:
+    """DEFAULT_TOKENS up to the model's max_batch_size * max_seq_len (all of them for a model without args)."""
+    args = getattr(model, "args", None)
+    most = getattr(args, "max_batch_size", 0) * getattr(args, "max_seq_len", 0) or DEFAULT_TOKENS[-1]
+    return tuple(t for t in DEFAULT_TOKENS if t <= most) or (1,)
+
+
+def _check_options(graph: Graph, options: Options) -> None:
+    """Refuse the pass switches dskc cannot honour, before anything is built."""
+    if not options.absorb_mla and graph.by_op(Op.MLA):
+        raise ValueError("Options(absorb_mla=False): dskc's MLA kernels run the absorbed form only (they cache the "
+                         "576-wide latent and fold wkv_b into the query and output); compile with absorb_mla=True, "
+                         "or run the model without dskc")
+
+
+def plan(model: nn.Module, target="sm90a", options: Options = Options(), m_hint: int | None = None,
+         runs_on: str = "gpu", capture: str = "module", example_inputs=None, tokens=None) -> Plan:
     """Find, lower and select (no build, no weights touched: works on a model on the meta device).
 
-    runs_on: "gpu" (kernels for the target's GPU) or "cpu" (Triton's interpreter: CUTLASS is never selected).
-    capture: "module" finds the regions by structure in the module tree (fast); "dynamo" traces the forward with
-    Dynamo (fullgraph, dynamic; nothing runs, so a meta-device model works) and keeps the regions whose code the
-    FX graphs execute; a graph break is an error. example_inputs: the calls to trace, [(args, kwargs), ...]
-    (default for a dskc.model.Transformer: a 4-token prefill and a decode step). Tracing takes ~10 s for the
-    tiny model and minutes for deepseek-v2-lite (its MoE loops over 64 experts in every layer)."""
+    tokens: the token counts whose buckets (powers of two) get a config table (default: DEFAULT_TOKENS up to the
+    model's max_batch_size * max_seq_len); m_hint: one token count (the same as tokens=(m_hint,)).
+    runs_on: "gpu" (kernels for the target's GPU) or "cpu" (Triton's interpreter: CUTLASS is never selected, and
+    bf16 dot operands run as fp16). capture: "module" finds the regions by structure in the module tree (fast);
+    "dynamo" traces the forward with Dynamo (fullgraph, dynamic; nothing runs, so a meta-device model works) and
+    keeps the regions whose code the FX graphs execute; a graph break is an error. example_inputs: the calls to
+    trace, [(args, kwargs), ...] (default for a dskc.model.Transformer: a 4-token prefill and a decode step).
+    Raises ValueError for Options dskc cannot honour (absorb_mla=False with MLA regions)."""
     arch = parse(target)
     dumps = []
     regions, how = _find(model, capture, example_inputs)
     graph = lower(regions, options, dump=lambda name, g: dumps.append((name, g)))
+    _check_options(graph, options)
+    if tokens is None:
+        tokens = (m_hint,) if m_hint is not None else default_tokens(model)
+    buckets = tuple(sorted({pow2(t) for t in tokens}))
+    if not buckets or buckets[0] < 1:
+        raise ValueError(f"tokens must be positive counts, got {tokens}")
+    ctx = _context(model, graph, runs_on)
     choices, fallbacks = [], []
     for node in graph.nodes:
         if node.op is Op.FALLBACK:
@@ -81,33 +133,43 @@ def plan(model: nn.Module, target="sm90a", options: Options = Options(), m_hint:
             continue
         if node.attr("absorbed_into"):
             continue
-        choices.extend(choose(node, arch, m_hint, runs_on))
-    return Plan(arch, graph, dumps, choices, fallbacks, capture=how)
+        try:
+            choices.extend(choose(node, arch, buckets, runs_on, ctx))
+        except ValueError as exc:   # a config breaking its kernel's constraints never reaches a launch
+            fallbacks.append((node.name, str(exc)))
+    return Plan(arch, graph, dumps, choices, fallbacks, buckets, capture=how)
 
 
 def build(p: Plan, progress: bool = True) -> Plan:
-    """Cross-compile every selected kernel for the plan's target (cached by content). A kernel that does not build
-    becomes a fallback with the compiler's message; it never aborts the whole compile."""
+    """Cross-compile every kernel the plan's choices launch for its target (each distinct CompileSpec once,
+    cached by content). A kernel that does not build makes every region that launches it a fallback, with the
+    compiler's message; it never aborts the whole compile."""
     from dskc.templates import registry
 
     _build_cutlass(p, progress)
-    unique = {}
+    wanted = {}                                   # (stem, problem, config) -> its specs
     for c in p.choices:
-        if c.backend == "cutlass":
-            continue
-        unique.setdefault((c.stem, c.problem, c.config), c)
-    specs, owners = [], []
-    for key, c in unique.items():
-        for spec in registry.get(c.stem).compile_specs(dict(c.problem), dict(c.config)):
-            specs.append(spec)
-            owners.append(key)
+        if c.backend != "cutlass":
+            key = (c.stem, c.problem, c.config)
+            if key not in wanted:
+                wanted[key] = registry.get(c.stem).compile_specs(dict(c.problem), dict(c.config))
+    specs = list(dict.fromkeys(s for ss in wanted.values() for s in ss))
     if progress:
         print(f"[dskc] building {len(specs)} kernels for {p.target} ...", file=sys.stderr, flush=True)
-    results = compile_kernels(specs, p.target)
-    for key, res in zip(owners, results):
-        p.reports.setdefault(key, []).append(res)
-        if isinstance(res, CompileError):
-            p.fallbacks.append((unique[key].region, f"{unique[key].stem} does not build for {p.target}: {res}"))
+    built = dict(zip(specs, compile_kernels(specs, p.target)))
+    p.specs = built
+    failed_keys = set()
+    for key, ss in wanted.items():
+        p.reports[key] = [built[s] for s in ss]
+        if any(isinstance(built[s], CompileError) for s in ss):
+            failed_keys.add(key)
+    marked = set()
+    for c in p.choices:
+        key = (c.stem, c.problem, c.config)
+        if key in failed_keys and c.region not in marked:
+            marked.add(c.region)
+            err = next(r for r in p.reports[key] if isinstance(r, CompileError))
+            p.fallbacks.append((c.region, f"{c.stem} does not build for {p.target}: {err}"))
     return p
 
 
@@ -153,23 +215,34 @@ def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def _kernel_module(node, src: nn.Module, model: nn.Module, options: Options, cutlass=None):
+def _kernel_module(node, src: nn.Module, model: nn.Module, options: Options, cutlass=None, table=None):
+    """The kernel module of a region; `table` (dskc.runtime.table.ConfigTable) holds the configs it launches."""
     from dskc.runtime.block import KernelBlock
     from dskc.runtime.mla import KernelMLA
     from dskc.runtime.modules import KernelLinear, KernelMLP, KernelMoE
 
     if node.op in (Op.LINEAR, Op.FP8_LINEAR):
-        return KernelLinear(src, node, quantize=node.attr("quantized") == "ahead", cutlass=cutlass)
+        return KernelLinear(src, node, quantize=node.attr("quantized") == "ahead", cutlass=cutlass, table=table)
     if node.op is Op.MLP:
-        return KernelMLP(src, node)
+        return KernelMLP(src, node, table)
     if node.op is Op.MOE:
-        return KernelMoE(src, node)
+        return KernelMoE(src, node, table)
     if node.op is Op.MLA:
         args = getattr(model, "args", None)
-        return KernelMLA(src, node, getattr(args, "max_batch_size", 8), getattr(args, "max_seq_len", 4096))
+        return KernelMLA(src, node, getattr(args, "max_batch_size", 8), getattr(args, "max_seq_len", 4096), table)
     if node.op is Op.BLOCK:   # wraps its parts, already kernel modules; a block with nothing fused stays as it is
-        return KernelBlock(src, node) if node.attr("attn_norm") or node.attr("ffn_norm") else None
+        return KernelBlock(src, node, table) if node.attr("attn_norm") or node.attr("ffn_norm") else None
     return None
+
+
+def tables(p: Plan) -> dict:
+    """region -> ConfigTable of its choices (regions with no kernel of their own have none)."""
+    from dskc.runtime.table import ConfigTable
+
+    rows = {}
+    for c in p.choices:
+        rows.setdefault(c.region, []).append(c)
+    return {region: ConfigTable(region, cs) for region, cs in rows.items()}
 
 
 class CompiledModel(nn.Module):
@@ -227,7 +300,7 @@ def _check_dtype(model: nn.Module) -> None:
 
 def compile(model: nn.Module, target="auto", *, options: Options = Options(), build_kernels: bool = True,
             inplace: bool = False, progress: bool = True, cuda_graphs: bool = True, capture: str = "module",
-            example_inputs=None) -> CompiledModel:
+            example_inputs=None, tokens=None) -> CompiledModel:
     """Compile `model` for `target` ("sm90a" | "sm100a" | "sm80" | "auto" = this GPU).
 
     Without a GPU, target "auto" means sm90a for the build, and the generated kernels run through Triton's
@@ -236,6 +309,8 @@ def compile(model: nn.Module, target="auto", *, options: Options = Options(), bu
     computing in a dtype no kernel takes (float32 today) is refused here with a ValueError naming the fix.
     cuda_graphs: on a GPU, replay decode steps (one token per sequence) from CUDA graphs, one per batch size.
     capture / example_inputs: how regions are found, "module" (structure) or "dynamo" (FX graphs); see `plan`.
+    tokens: the token counts whose buckets get a config table (see `plan`); each region's module launches the
+    configs of its table (the bucket at or above the rows it sees).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dskc.compile takes an nn.Module, got {type(model).__name__}")
@@ -249,19 +324,21 @@ def compile(model: nn.Module, target="auto", *, options: Options = Options(), bu
     if progress and capture == "dynamo":
         print("[dskc] tracing the forward with Dynamo ...", file=sys.stderr, flush=True)
     p = plan(model, target, options, runs_on="gpu" if torch.cuda.is_available() else "cpu", capture=capture,
-             example_inputs=example_inputs)
+             example_inputs=example_inputs, tokens=tokens)
     if build_kernels:
         build(p, progress)
     else:
         _build_cutlass(p, progress)   # Triton kernels JIT at first launch; a CUTLASS pick needs its library now
     module = model if inplace else copy.deepcopy(model)
     failed = {region for region, _ in p.fallbacks}
+    by_region = tables(p)
     for node in sorted(p.graph.nodes, key=lambda n: n.op is Op.BLOCK):   # blocks last: they wrap their parts
         if node.name in failed or node.op in (Op.RMSNORM, Op.FALLBACK) or node.attr("absorbed_into"):
             continue
         try:
             cut = _cutlass_build(p, node.name)
-            new = _kernel_module(node, module.get_submodule(node.name), module, options, cut)
+            new = _kernel_module(node, module.get_submodule(node.name), module, options, cut,
+                                 by_region.get(node.name))
         except ValueError as exc:
             p.fallbacks.append((node.name, str(exc)))
             log.warning("dskc: %s stays eager: %s", node.name, exc)
@@ -305,7 +382,8 @@ def load(model: nn.Module, out_dir, *, inplace: bool = False, progress: bool = F
         raise ValueError(f"{out_dir} holds kernels for {target}, this GPU is {here}: compile for it with "
                          f"`dskc compile --target {here}`")
     installed = aot_runtime.install(out_dir, manifest)
-    compiled = compile(model, target, build_kernels=False, inplace=inplace, progress=progress)
+    compiled = compile(model, target, build_kernels=False, inplace=inplace, progress=progress,
+                       tokens=manifest.get("tokens"))
     want = {(r["region"], r["stem"], tuple(sorted(r["config"].items()))) for r in manifest["regions"]}
     have = {(c.region, c.stem, c.config) for c in compiled.plan.choices}
     if want != have:

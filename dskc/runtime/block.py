@@ -17,6 +17,7 @@ import torch.nn as nn
 from dskc import ops
 from dskc.runtime.mla import KernelMLA
 from dskc.runtime.modules import KernelLinear, KernelMLP
+from dskc.runtime.table import config as _cfg
 
 
 def _stack_projections(name: str, projs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,11 +44,13 @@ class KernelBlock(nn.Module):
     node attrs (from fuse_block_norms): attn_norm="rmsnorm_act_quant", attn_gemm_n=(N,) (one stacked GEMM) or the
     projections' widths (one GEMM each); ffn_norm="add_rmsnorm_act_quant" when the residual add + ffn_norm fuse.
     Same call signature as the eager block: forward(x [bsz, seqlen, dim], start_pos, rope, mask).
+    table: the block's ConfigTable (slots "quant", "gemm0", "gemm1", ...); the fused ffn_norm's kernel is in the
+    MLP's table ("quant"). None: the ops choose.
     """
 
-    def __init__(self, src: nn.Module, node):
+    def __init__(self, src: nn.Module, node, table=None):
         super().__init__()
-        self.node = node
+        self.node, self.table = node, table
         self.attn, self.ffn, self.attn_norm, self.ffn_norm = src.attn, src.ffn, src.attn_norm, src.ffn_norm
         self.fuse_attn = node.attr("attn_norm") == "rmsnorm_act_quant"
         self.fuse_ffn = node.attr("ffn_norm") == "add_rmsnorm_act_quant"
@@ -82,11 +85,14 @@ class KernelBlock(nn.Module):
 
     def _attn_inputs(self, x2: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
         """[wq_a(n), wkv_a(n)] (views) of n = attn_norm(x2), through one rmsnorm_act_quant."""
-        q, s = ops.rmsnorm_act_quant(x2, self.attn_norm.weight.to(dtype), self.attn_norm.eps)
+        t = x2.shape[0]
+        q, s = ops.rmsnorm_act_quant(x2, self.attn_norm.weight.to(dtype), self.attn_norm.eps,
+                                     config=_cfg(self.table, "quant", t))
         if self.w_in is not None:
-            y = ops.fp8_gemm(q, s, self.w_in, self.s_in, out_dtype=dtype)
+            y = ops.fp8_gemm(q, s, self.w_in, self.s_in, out_dtype=dtype, config=_cfg(self.table, "gemm0", t))
             return list(y.split(self.widths, dim=-1))
-        return [ops.fp8_gemm(q, s, p.weight, p.scale, out_dtype=dtype) for p in self.attn.input_projections()]
+        return [ops.fp8_gemm(q, s, p.weight, p.scale, out_dtype=dtype, config=_cfg(self.table, f"gemm{i}", t))
+                for i, p in enumerate(self.attn.input_projections())]
 
     def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: torch.Tensor | None):
         bsz, seqlen, dim = x.shape
@@ -100,5 +106,5 @@ class KernelBlock(nn.Module):
             h = x + a
             return h + self.ffn(self.ffn_norm(h))
         q, s, h = ops.rmsnorm_act_quant(a.reshape(-1, dim), self.ffn_norm.weight.to(x.dtype), self.ffn_norm.eps,
-                                        residual=x2)
+                                        residual=x2, config=_cfg(self.ffn.table, "quant", x2.shape[0]))
         return (h + self.ffn.from_quantized(q, s, x.dtype)).view(x.shape)

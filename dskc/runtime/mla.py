@@ -11,14 +11,19 @@ import torch.nn as nn
 
 from dskc import ops
 from dskc.runtime.modules import dot_dtype
+from dskc.runtime.table import config as _cfg
+from dskc.select.launches import MLA_PAGE
 
-PAGE = 64
+PAGE = MLA_PAGE   # the page size selection plans with (a table's decode problem names it)
 
 
 class KernelMLA(nn.Module):
-    def __init__(self, src: nn.Module, node, max_batch: int, max_seq: int):
+    """table: the region's ConfigTable (slots "rope", "decode", "prefill"); None: the ops choose."""
+
+    def __init__(self, src: nn.Module, node, max_batch: int, max_seq: int, table=None):
         super().__init__()
-        self.node = node
+        self.node, self.table = node, table
+        self.page = table.problem("decode", 1)["page_size"] if table is not None else PAGE
         self.heads, self.nope, self.rope_dim, self.v_dim = src.n_local_heads, src.nope, src.rope, src.v_dim
         self.c = src.kv_lora_rank
         if self.c != 512 or self.rope_dim != 64:
@@ -35,8 +40,8 @@ class KernelMLA(nn.Module):
         self.register_buffer("w_uk", wkv_b[:, :self.nope].to(self.kdtype).contiguous(), persistent=False)
         self.register_buffer("w_uv", wkv_b[:, self.nope:].to(self.kdtype).contiguous(), persistent=False)
         self.register_buffer("kv_norm_weight", src.kv_norm.weight.detach().to(self.kdtype), persistent=False)
-        pages = -(-max_seq // PAGE)
-        self.register_buffer("cache", torch.zeros(max_batch * pages, PAGE, 1, self.c + self.rope_dim,
+        pages = -(-max_seq // self.page)
+        self.register_buffer("cache", torch.zeros(max_batch * pages, self.page, 1, self.c + self.rope_dim,
                                                   dtype=self.kdtype, device=wkv_b.device), persistent=False)
         self.register_buffer("block_table", torch.arange(max_batch * pages, dtype=torch.int32,
                                                          device=wkv_b.device).view(max_batch, pages),
@@ -53,8 +58,11 @@ class KernelMLA(nn.Module):
         if getattr(self.wq_b, "fp8", False) and self.wq_b.node.attr("prologue") == "rmsnorm_act_quant":
             # q_norm fused with the 1x128 quantisation that wq_b's FP8 GEMM needs: one kernel, no bf16 round trip
             h2 = qa.reshape(-1, qa.shape[-1])
-            q8, s8 = ops.rmsnorm_act_quant(h2, self.q_norm.weight.to(h2.dtype), self.q_norm.eps)
-            q = ops.fp8_gemm(q8, s8, self.wq_b.weight, self.wq_b.scale, out_dtype=qa.dtype)
+            tab, t = self.wq_b.table, h2.shape[0]
+            q8, s8 = ops.rmsnorm_act_quant(h2, self.q_norm.weight.to(h2.dtype), self.q_norm.eps,
+                                           config=_cfg(tab, "quant", t))
+            q = ops.fp8_gemm(q8, s8, self.wq_b.weight, self.wq_b.scale, out_dtype=qa.dtype,
+                             config=_cfg(tab, "gemm", t))
             return q.view(*qa.shape[:-1], q.shape[-1])
         return self.wq_b(self.q_norm(qa))
 
@@ -87,13 +95,15 @@ class KernelMLA(nn.Module):
             local = torch.arange(seqlen, dtype=torch.int32, device=dev)
             positions, rope_rows = (local + start_pos).repeat(bsz), local.repeat(bsz)
             seqlens = torch.full((bsz,), start_pos + seqlen, dtype=torch.int32, device=dev)
-        slots = ops.paged_slots(self.block_table, seq_ids, positions, PAGE)
+        slots = ops.paged_slots(self.block_table, seq_ids, positions, self.page)
         q_pe = q[..., self.nope:]
         ops.rope_norm_cache_write(kv_a_c, self.kv_norm_weight, rope.float(), rope_rows, q_pe=q_pe,
-                                  eps=self.eps, kv_cache=self.cache, slots=slots)
+                                  eps=self.eps, kv_cache=self.cache, slots=slots,
+                                  config=_cfg(self.table, "rope", t))
         q_lat = torch.einsum("thd,hdc->thc", q[..., :self.nope], self.w_uk)
         qq = torch.cat([q_lat, q_pe], dim=-1).view(bsz, seqlen, self.heads, self.c + self.rope_dim)
         out, _ = ops.mla_decode(qq.contiguous(), self.cache, self.block_table[:bsz], seqlens, self.softmax_scale,
-                                causal=seqlen > 1)
+                                causal=seqlen > 1,
+                                config=_cfg(self.table, "decode" if seqlen == 1 else "prefill", t))
         o = torch.einsum("bshc,hdc->bshd", out, self.w_uv)
         return self.wo(o.flatten(2).to(kv_a.dtype))

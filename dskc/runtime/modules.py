@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dskc import knobs, ops
+from dskc.runtime.table import config as _cfg
 
 log = logging.getLogger("dskc.runtime")
 _WARNED: set = set()
@@ -25,7 +26,8 @@ def warn_once(key: str, msg: str) -> None:
 
 
 def dot_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype that dot-kernel operands of `dtype` run in on this runtime."""
+    """The dtype that dot-kernel operands of `dtype` run in on this runtime (the rule selection plans with:
+    dskc.select.launches.dot_dtype)."""
     if dtype == torch.bfloat16 and knobs.get().triton_interpret:
         warn_once("bf16-interp", "dskc: Triton's interpreter multiplies bf16 dot operands wrongly; running them as "
                   "fp16 on the CPU (GPU runs keep bf16)")
@@ -43,11 +45,12 @@ class KernelLinear(nn.Module):
     cutlass: a successful CUTLASS build (dskc.templates.cutlass.build) of sm90_fp8_gemm_1d2d / sm90_bf16_gemm that
     replaces the Triton GEMM (selection picks one only on a measured win, and never for the CPU runtime); it is
     launched through dskc.runtime.cutlass on CUDA tensors (CPU inputs raise ValueError there).
+    table: the region's ConfigTable (slots "quant", "gemm"); None: the ops choose.
     """
 
-    def __init__(self, src: nn.Module, node, quantize: bool = False, cutlass=None):
+    def __init__(self, src: nn.Module, node, quantize: bool = False, cutlass=None, table=None):
         super().__init__()
-        self.node, self.out_dtype = node, getattr(src, "compute_dtype", None)
+        self.node, self.out_dtype, self.table = node, getattr(src, "compute_dtype", None), table
         w, scale = src.weight, getattr(src, "scale", None)
         if quantize and scale is None:
             from dskc.model import quantize_weight
@@ -70,19 +73,21 @@ class KernelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, out_dtype = x.shape, self.out_dtype or x.dtype
         x2 = x.reshape(-1, shape[-1])
+        t = x2.shape[0]
         if self.cutlass is not None:
             y = self._cutlass(x2).to(out_dtype)
         elif self.fp8:
-            q, s = ops.act_quant(x2.contiguous())
-            y = ops.fp8_gemm(q, s, self.weight, self.scale, out_dtype=out_dtype)
+            q, s = ops.act_quant(x2.contiguous(), config=_cfg(self.table, "quant", t))
+            y = ops.fp8_gemm(q, s, self.weight, self.scale, out_dtype=out_dtype, config=_cfg(self.table, "gemm", t))
         else:
-            y = ops.bf16_gemm(x2.to(self.weight.dtype).contiguous(), self.weight).to(out_dtype)
+            y = ops.bf16_gemm(x2.to(self.weight.dtype).contiguous(), self.weight,
+                              config=_cfg(self.table, "gemm", t)).to(out_dtype)
         return y.view(*shape[:-1], y.shape[-1])
 
 
     def _cutlass(self, x2: torch.Tensor) -> torch.Tensor:
         if self.fp8:
-            q, s = ops.act_quant(x2.contiguous())
+            q, s = ops.act_quant(x2.contiguous(), config=_cfg(self.table, "quant", x2.shape[0]))
             return self.cutlass(q, s, self.weight, self.scale)
         return self.cutlass(x2.to(torch.bfloat16).contiguous(), self.weight)
 
@@ -90,23 +95,25 @@ class KernelLinear(nn.Module):
 class KernelMLP(nn.Module):
     """w2(silu(w1 x) * w3 x): one GEMM over the stacked [w1; w3], SwiGLU (+ FP8 quant) epilogue, then w2."""
 
-    def __init__(self, src: nn.Module, node):
+    def __init__(self, src: nn.Module, node, table=None):
         super().__init__()
-        self.node = node
+        self.node, self.table = node, table
         self.inter = src.w1.weight.shape[0]
         self.fp8 = getattr(src.w1, "scale", None) is not None
         if self.fp8 and self.inter % 128:
             raise ValueError(f"{node.name}: FP8 MLP width {self.inter} is not a multiple of 128")
-        self.up = KernelLinear(src.w1, node)
+        part = (lambda slot: None) if table is None else (lambda slot: table.view({"gemm": slot}))
+        self.up = KernelLinear(src.w1, node, table=part("up"))
         self.up.weight = torch.cat([self.up.weight, KernelLinear(src.w3, node).weight]).contiguous()
         if self.fp8:
             self.up.scale = torch.cat([src.w1.scale, src.w3.scale]).float().contiguous()
-        self.down = KernelLinear(src.w2, node)
+        self.down = KernelLinear(src.w2, node, table=part("down"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if self.fp8:
-            q, s = ops.act_quant(x.reshape(-1, shape[-1]).contiguous())
+            x2 = x.reshape(-1, shape[-1]).contiguous()
+            q, s = ops.act_quant(x2, config=_cfg(self.table, "quant", x2.shape[0]))
             return self.from_quantized(q, s, x.dtype).view(shape)
         h = self.up(x.reshape(-1, shape[-1]))
         return self.down(F.silu(h[:, :self.inter]) * h[:, self.inter:]).view(shape)
@@ -116,18 +123,21 @@ class KernelMLP(nn.Module):
         fused norm (dskc.runtime.block): [w1|w3] GEMM, SwiGLU + quant, w2 GEMM -> [M, dim] of out_dtype."""
         if not self.fp8:
             raise ValueError(f"{self.node.name}: from_quantized needs an FP8 MLP")
-        h = ops.fp8_gemm(q, s, self.up.weight, self.up.scale, out_dtype=self.up.out_dtype or out_dtype)
-        q2, s2 = ops.silu_mul_act_quant(h)
-        return ops.fp8_gemm(q2, s2, self.down.weight, self.down.scale, out_dtype=out_dtype)
+        t, tab = q.shape[0], self.table
+        h = ops.fp8_gemm(q, s, self.up.weight, self.up.scale, out_dtype=self.up.out_dtype or out_dtype,
+                         config=_cfg(tab, "up", t))
+        q2, s2 = ops.silu_mul_act_quant(h, config=_cfg(tab, "act", t))
+        return ops.fp8_gemm(q2, s2, self.down.weight, self.down.scale, out_dtype=out_dtype,
+                            config=_cfg(tab, "down", t))
 
 
 class KernelMoE(nn.Module):
     """The MoE block as `dskc.ops.fused_moe`: routing, permutation, grouped GEMMs with SwiGLU and routed-weight
     epilogues, combine, shared experts. Expert weights are stacked once here."""
 
-    def __init__(self, src: nn.Module, node):
+    def __init__(self, src: nn.Module, node, table=None):
         super().__init__()
-        self.node, g = node, src.gate
+        self.node, g, self.table = node, src.gate, table
         experts = list(src.experts)
         if any(e is None for e in experts):
             raise ValueError(f"{node.name}: dskc.compile needs all routed experts on this rank (world size 1)")
@@ -159,5 +169,13 @@ class KernelMoE(nn.Module):
         x2 = x.reshape(-1, self.dim)
         xk = x2 if self.fp8 else x2.to(self.w13.dtype)
         y = ops.fused_moe(xk.contiguous(), self.gate_weight, self.gate_bias, self.w13, self.w13_scale, self.w2,
-                          self.w2_scale, shared=self.shared, **self.route)
+                          self.w2_scale, shared=self.shared, config=self._configs(x2.shape[0]), **self.route)
         return y.to(x.dtype).view(shape)
+
+    def _configs(self, t: int) -> dict | None:
+        """fused_moe's config for t tokens from the region's table: the layout and every stem's config."""
+        if self.table is None:
+            return None
+        slots = ("route", "permute", "gemm1", "gemm2") + (("shared_gemm1", "shared_gemm2") if self.shared else ())
+        return {"layout": self.table.problem("gemm1", t)["layout"],
+                **{slot: self.table.config(slot, t) for slot in slots}}

@@ -57,15 +57,14 @@ def cutlass_op(stem: str, problem: dict) -> str | None:
     return _CUTLASS_OP.get(stem)
 
 
-def bucket(problem: dict) -> dict:
-    """The decision bucket of a problem: M (tokens / rows) rounded up to a power of two, the rest exact."""
-    out = {}
-    for name, value in problem.items():
-        if name == "M" and isinstance(value, int):
-            out[name] = 1 << max(0, int(value) - 1).bit_length()
-        else:
-            out[name] = value
-    return out
+def bucket(problem: dict, stem: str | None = None) -> dict:
+    """The decision bucket of a problem: the Triton stem's Problem bucket (its pow2 fields, M for the GEMMs, rounded
+    up; fields a dict lacks take the Problem's defaults). Without a stem: M rounded up, the rest as given."""
+    if stem is not None:
+        from dskc.templates import registry
+        return registry.problem(stem, problem).bucket().as_dict()
+    return {k: (1 << max(0, int(v) - 1).bit_length() if k == "M" and isinstance(v, int) else v)
+            for k, v in problem.items()}
 
 
 def entry_name(op: str, bucket_: dict) -> str:
@@ -135,12 +134,13 @@ def decide(stem: str, problem: dict, arch, *, runs_on: str = "gpu", root: Path |
         return triton
     st = path.stat()
     doc = json.loads(_read_cached(str(path), st.st_mtime_ns, st.st_size))
-    e = doc["entries"].get(entry_name(stem, bucket(problem)))
+    name = entry_name(stem, bucket(problem, stem))
+    e = doc["entries"].get(name)
     if e is None:
         return triton
     stale = tuned.stale_reason(e["meta"], tuned.current_toolchain())
     if stale:
-        _log_once(f"dskc: backend decision {entry_name(stem, bucket(problem))} of {path} ignored: {stale}")
+        _log_once(f"dskc: backend decision {name} of {path} ignored: {stale}")
         return dataclasses.replace(triton, why=f"default: Triton (decision in {path} is stale: {stale})")
     said = f"{_speed(e)}, {e['timing_mode']} ({path})"
     if e["timing_mode"] not in MEASURED_MODES:
@@ -150,6 +150,10 @@ def decide(stem: str, problem: dict, arch, *, runs_on: str = "gpu", root: Path |
     if runs_on == "cpu":
         return dataclasses.replace(triton, why=f"Triton: CPU runtime (interpreter) cannot run CUTLASS; "
                                                 f"on the GPU: {said}")
+    if e["stem"] not in cutlass.stems():
+        _log_once(f"dskc: backend decision {name} of {path} ignored: it names CUTLASS kernel {e['stem']!r}, which "
+                  f"does not exist (known: {cutlass.stems()})")
+        return dataclasses.replace(triton, why=f"default: Triton (decided CUTLASS kernel {e['stem']!r} unknown)")
     errors = cutlass.violations(e["stem"], e["config"], cutlass_problem(stem, problem))
     if errors:
         _log_once(f"dskc: backend decision for {stem} in {path} ignored: {'; '.join(errors)}")
@@ -162,6 +166,6 @@ def cutlass_problem(stem: str, problem: dict) -> dict:
     """The CUTLASS stem's problem for a Triton (stem, problem) (grouped: G experts, M total rows)."""
     if stem not in _CUTLASS_OP:
         raise ValueError(f"no CUTLASS counterpart for Triton stem {stem!r}; known: {sorted(_CUTLASS_OP)}")
-    if stem == "grouped_gemm":
-        return {"G": problem["E"], "M": problem["M"] * problem["E"], "N": problem["N"], "K": problem["K"]}
+    if stem == "grouped_gemm":   # the Triton Problem's M is already the layout's total rows
+        return {"G": problem["E"], "M": problem["M"], "N": problem["N"], "K": problem["K"]}
     return {k: problem[k] for k in ("M", "N", "K")}
