@@ -86,7 +86,6 @@ def _timing(mode: str) -> str:
 
 
 def _kernels(args) -> list[str]:
-    from dskc.autotune.problems import BY_STEM
     from dskc.templates import registry
     if args.kernels:
         from dskc.autotune.space import resolve_module
@@ -94,7 +93,11 @@ def _kernels(args) -> list[str]:
         for k in names:
             resolve_module(k)          # KeyError naming the known stems
         return names
-    return [s for s in registry.stems() if s in BY_STEM]
+    if args.model:
+        from dskc.autotune.problems import model_stems
+        from dskc.model import get_config
+        return model_stems(get_config(args.model))
+    return registry.stems()
 
 
 def _problems(args, stem: str) -> list[dict]:

@@ -1,68 +1,49 @@
-"""The problems a model poses to each kernel stem (`dskc tune --model NAME`): layer shapes from ModelArgs times a
-set of token counts. One small function per stem family; TOKENS is the default set of token counts (decode to
-prefill), each of which is its own pow2 shape bucket.
+"""The problems a model poses to each kernel stem (`dskc tune --model NAME`): the problems the compiled model's
+kernel modules launch, at a set of token counts, read from the compiler's own selection (dskc.select.launches on
+the model's lowered regions), so a tuned export matches what `dskc.compile` looks up. TOKENS is the default set of
+token counts (decode to prefill), each of which is its own pow2 shape bucket.
 """
 from __future__ import annotations
 
 TOKENS = (1, 16, 64, 256, 1024, 4096)
 
 
-def linear_shapes(args) -> list[tuple[int, int]]:
-    """(N, K) of every distinct dense Linear of the model (attention projections, dense MLP, shared experts)."""
-    qk = args.qk_nope_head_dim + args.qk_rope_head_dim
-    shapes = [(args.kv_lora_rank + args.qk_rope_head_dim, args.dim),
-              (args.n_heads * (args.qk_nope_head_dim + args.v_head_dim), args.kv_lora_rank),
-              (args.dim, args.n_heads * args.v_head_dim)]
-    if args.q_lora_rank:
-        shapes += [(args.q_lora_rank, args.dim), (args.n_heads * qk, args.q_lora_rank)]
-    else:
-        shapes += [(args.n_heads * qk, args.dim)]
-    if args.n_dense_layers:
-        shapes += [(args.inter_dim, args.dim), (args.dim, args.inter_dim)]
-    if args.n_shared_experts:
-        shared = args.n_shared_experts * args.moe_inter_dim
-        shapes += [(shared, args.dim), (args.dim, shared)]
-    return sorted(set(shapes))
+def _launches(args, tokens, runs_on: str = "gpu") -> list:
+    """[(stem, Problem)] of every launch of the model `args` describes, at each token count (meta model: nothing
+    is allocated)."""
+    from dskc.capture.regions import find_regions
+    from dskc.compiler import _check_options, _context
+    from dskc.lower.passes import Options, lower
+    from dskc.model import Transformer
+    from dskc.select.launches import launches
 
-
-def _gemm(args, tokens):
-    return [{"M": m, "N": n, "K": k} for n, k in linear_shapes(args) for m in tokens]
-
-
-def _grouped(args, tokens):
-    dtype = "fp8" if args.dtype == "fp8" else "fp16"
+    model = Transformer(args, device="meta")
+    graph = lower(find_regions(model), Options())
+    _check_options(graph, Options())
+    ctx = _context(model, graph, runs_on)
     out = []
-    for t in tokens:
-        rows = t * args.n_activated_experts
-        out.append({"E": args.n_routed_experts, "M": rows, "N": args.moe_inter_dim, "K": args.dim, "dtype": dtype,
-                    "layout": "contiguous", "epilogue": "swiglu"})
-        out.append({"E": args.n_routed_experts, "M": rows, "N": args.dim, "K": args.moe_inter_dim, "dtype": dtype,
-                    "layout": "contiguous", "epilogue": "weight"})
+    for node in graph.nodes:
+        if node.attr("absorbed_into"):
+            continue
+        for t in tokens:
+            out.extend((stem, p) for _, stem, p in launches(node, t, ctx))
     return out
 
 
-def _route(args, tokens):
-    return [{"T": t, "E": args.n_routed_experts, "top_k": args.n_activated_experts, "n_groups": args.n_expert_groups,
-             "n_limited_groups": args.n_limited_groups, "sigmoid": int(args.score_func == "sigmoid"),
-             "has_bias": int(bool(args.gate_bias) or args.dim == 7168)} for t in tokens]
-
-
-def _mla(args, tokens):
-    return [{"batch": min(t, 128), "s_q": 1, "h_q": args.n_heads, "seqlen": 4096, "page_size": 64,
-             "kv_fp8": int(args.dtype == "fp8")} for t in tokens if t <= 256]
-
-
-def _act_quant(args, tokens):
-    widths = sorted({k for _, k in linear_shapes(args)} | {args.moe_inter_dim})
-    return [{"M": m, "K": k} for k in widths if k % 128 == 0 for m in tokens]
-
-
-BY_STEM = {"act_quant": _act_quant, "fp8_gemm_1d2d": _gemm, "bf16_gemm": _gemm, "grouped_gemm": _grouped, "moe_route": _route,
-           "mla_decode": _mla}
-
-
 def model_problems(stem: str, args, tokens=TOKENS) -> list[dict]:
-    """The problems `args` (a ModelArgs) poses to `stem`. ValueError for a stem with no mapping here."""
-    if stem not in BY_STEM:
-        raise ValueError(f"no model-problem mapping for kernel {stem!r} (known: {sorted(BY_STEM)}); pass --problem")
-    return BY_STEM[stem](args, tuple(tokens))
+    """The distinct problems `args` (a ModelArgs) poses to `stem` at `tokens`, as dicts of the stem's Problem
+    fields. ValueError for a stem the model never launches."""
+    seen, out = set(), []
+    for s, p in _launches(args, tuple(tokens)):
+        if s == stem and p not in seen:
+            seen.add(p)
+            out.append(p.as_dict())
+    if not out:
+        known = sorted({s for s, _ in _launches(args, tuple(tokens)[:1])})
+        raise ValueError(f"the model launches no {stem!r} kernel (it launches {known}); pass --problem")
+    return out
+
+
+def model_stems(args) -> list[str]:
+    """The stems the model launches (what `dskc tune --model` tunes when no --kernels are named)."""
+    return sorted({s for s, _ in _launches(args, (1,))})

@@ -114,13 +114,27 @@ def _plan(args, build: bool):
     cfg = _model_args(args.model, args)
     model = Transformer(cfg, device="meta")     # shapes only: nothing is allocated, no GPU needed
     t0 = time.perf_counter()
-    p = compiler.plan(model, args.target, capture=args.capture)
+    p = compiler.plan(model, args.target, capture=args.capture, tokens=_tokens(args))
     if build:
         compiler.build(p)
     return cfg, p, time.perf_counter() - t0
 
 
 SOURCE = "source.json"   # in a `dskc compile --out` DIR built from a checkpoint folder: where its weights are
+
+
+def _tokens(args):
+    """--tokens 1,16,128,4096 as a tuple (None: the plan's default buckets)."""
+    raw = getattr(args, "tokens", None)
+    if not raw:
+        return None
+    try:
+        counts = tuple(int(t) for t in raw.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"--tokens takes comma-separated token counts, e.g. 1,16,128,4096; got {raw!r}") from None
+    if not counts or min(counts) < 1:
+        raise ValueError(f"--tokens takes positive token counts, got {raw!r}")
+    return counts
 
 
 def _compile(args) -> int:
@@ -135,9 +149,9 @@ def _compile(args) -> int:
     path = aot.write(p, args.out, aot.config_dict(cfg))
     if is_hf_folder(args.model):   # `dskc run --from DIR` loads these weights (and tokenizer)
         (Path(args.out) / SOURCE).write_text(json.dumps({"checkpoint": str(Path(args.model).resolve())}) + "\n")
-    n = sum(len(r) for r in p.reports.values())
-    print(f"compiled {args.model} for {p.target}: {len(p.choices)} region kernels, {n} cubins "
-          f"({build_count()} built now, the rest from the cache) in {dt:.1f} s -> {path}")
+    n = len(p.specs)
+    print(f"compiled {args.model} for {p.target}: token buckets {list(p.tokens)}, {len(p.choices)} region kernels, "
+          f"{n} cubins ({build_count()} built now, the rest from the cache) in {dt:.1f} s -> {path}")
     print(f"fallbacks: {len(p.fallbacks)}" + "".join(f"\n  {r}: {why}" for r, why in p.fallbacks))
     return 0
 
@@ -301,6 +315,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    "quantised on load from a float checkpoint")
 
 
+TOKENS_HELP = ("comma-separated token counts (e.g. 1,16,128,4096): each count's power-of-two bucket gets a config "
+               "table, and every kernel the runtime launches for them is built (default 1,4,16,...,16384 up to "
+               "max_batch_size * max_seq_len); a count between two buckets runs the next one up")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dskc", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -323,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output directory (cubins + manifest.json)")
     c.add_argument("--capture", choices=("module", "dynamo"), default="module", help=CAPTURE_HELP)
     _model_options(c)
+    c.add_argument("--tokens", help=TOKENS_HELP)
     u = sub.add_parser("run", help="generate on the generated kernels (compiled now, or loaded from --from DIR)")
     u.add_argument("--model", default=None, help=MODEL_HELP + " (default tiny)")
     u.add_argument("--from", dest="from_dir", help="a `dskc compile --out` directory: its kernels and model config")
@@ -344,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--table-only", action="store_true", help="only the kernel table and fallbacks")
     e.add_argument("--capture", choices=("module", "dynamo"), default="module", help=CAPTURE_HELP)
     _model_options(e)
+    e.add_argument("--tokens", help=TOKENS_HELP)
     sub.add_parser("tune", help="autotune kernels with Optuna (see `dskc tune --help`)", add_help=False)
     sub.add_parser("bench", help="benchmark suites to JSON + plots (see `dskc bench --help`)", add_help=False)
     return p

@@ -21,7 +21,7 @@ from dskc.build.triton_xc import CompileError, compile_kernels
 from dskc.capture.regions import find_regions
 from dskc.ir.graph import Graph, Op
 from dskc.lower.passes import Options, lower
-from dskc.select.choose import choose
+from dskc.select.choose import ConfigError, choose
 from dskc.select.launches import Context
 from dskc.templates.triton._problem import pow2
 
@@ -135,7 +135,7 @@ def plan(model: nn.Module, target="sm90a", options: Options = Options(), m_hint:
             continue
         try:
             choices.extend(choose(node, arch, buckets, runs_on, ctx))
-        except ValueError as exc:   # a config breaking its kernel's constraints never reaches a launch
+        except ConfigError as exc:   # a config breaking its kernel's constraints never reaches a launch
             fallbacks.append((node.name, str(exc)))
     return Plan(arch, graph, dumps, choices, fallbacks, buckets, capture=how)
 

@@ -1,4 +1,5 @@
-"""`dskc explain`: the IR after each pass, the region -> kernel table, and every fallback with its reason."""
+"""`dskc explain`: the IR after each pass, the region -> kernel table, what runs per token-count bucket, and every
+fallback with its reason."""
 from __future__ import annotations
 
 import re
@@ -63,6 +64,30 @@ def _patterns(names) -> str:
     return ", ".join(f"{k} ({v})" for k, v in counts.items())
 
 
+def _short(config) -> str:
+    """A config in a few characters: BLOCK_M=64 -> M64, num_warps=8 -> w8, num_stages=4 -> s4."""
+    names = {"num_warps": "w", "num_stages": "s"}
+    return ",".join(f"{names.get(k, k.removeprefix('BLOCK_'))}{v}" for k, v in config)
+
+
+def bucket_table(plan) -> str:
+    """What runs per token-count bucket: one row per (region pattern, slot, kernel), one column per bucket of the
+    plan, each cell the config its module launches for that many rows (the regions of a pattern share it, or the
+    cell says how many configs they use)."""
+    buckets = list(getattr(plan, "tokens", ()))
+    cells = {}
+    for c in plan.choices:
+        key = (re.sub(r"(?<=\.)\d+(?=\.|$)", "*", c.region), c.slot, c.stem)
+        cells.setdefault(key, {}).setdefault(c.tokens, set()).add(_short(c.config))
+    rows = [("region", "slot", "kernel") + tuple(f"tokens<={t}" for t in buckets)]
+    for (region, slot, stem), by_t in cells.items():
+        vals = [by_t.get(t, set()) for t in buckets]
+        rows.append((region, slot, stem) + tuple(next(iter(v)) if len(v) == 1 else (f"{len(v)} configs" if v else "-")
+                                                for v in vals))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
 def capture_line(c: dict) -> str:
     """How the regions were found: the module tree, or Dynamo's graphs (count, FX nodes, regions never run)."""
     if "graphs" not in c:
@@ -80,5 +105,7 @@ def render(plan, passes: bool = True) -> str:
     if getattr(plan, "capture", None):
         out.append("== capture\n" + capture_line(plan.capture))
     out.append("== kernels\n" + kernel_table(plan))
+    out.append("== configs per token-count bucket (what each module launches for that many rows)\n" +
+               bucket_table(plan))
     out.append("== fallbacks\n" + ("\n".join(f"{r}: {why}" for r, why in plan.fallbacks) or "none"))
     return "\n\n".join(out)

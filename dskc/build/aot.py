@@ -10,7 +10,8 @@ from pathlib import Path
 from dskc.build import cache
 from dskc.build.triton_xc import CompileError, toolchain
 
-MANIFEST_VERSION = 2   # 2: each Triton kernel ships Triton's metadata JSON and its launch specialisation
+MANIFEST_VERSION = 3   # 2: each Triton kernel ships Triton's metadata JSON and its launch specialisation;
+                       # 3: the plan's token buckets, regions per (slot, bucket), each distinct kernel once
 
 
 def _copy(src: str | Path, out: Path, stem: str, ext: str) -> tuple[str, str]:
@@ -24,23 +25,17 @@ def _copy(src: str | Path, out: Path, stem: str, ext: str) -> tuple[str, str]:
     return name, digest
 
 
-def write(plan, out_dir: str | Path, model_config: dict | None = None) -> Path:
-    """Copy the plan's built kernels into out_dir/kernels/ and write out_dir/manifest.json. Returns the manifest path.
-
-    Refuses a plan with kernels that did not build (they are listed in the error)."""
-    out = Path(out_dir)
-    failed = [(k, r) for k, rs in plan.reports.items() for r in rs if isinstance(r, CompileError)]
-    if failed:
-        raise RuntimeError(f"{len(failed)} kernels did not build for {plan.target}; first: {failed[0][1]}")
-    if not plan.reports:
-        raise RuntimeError("the plan has no built kernels: run dskc.compiler.build(plan) first")
+def _triton_kernels(plan, out: Path) -> list:
+    """One manifest entry per distinct Triton kernel the plan's choices launch (what the runtime's hook serves)."""
     from dskc.templates import registry
 
-    (out / "kernels").mkdir(parents=True, exist_ok=True)
-    kernels = []
+    kernels, seen = [], set()
     for (stem, problem, config), reports in plan.reports.items():
         specs = registry.get(stem).compile_specs(dict(problem), dict(config))
         for spec, r in zip(specs, reports):
+            if spec in seen:
+                continue
+            seen.add(spec)
             name, digest = _copy(r.cubin, out, stem, "cubin")
             meta_name, meta_digest = _copy(r.metadata, out, stem, "json")
             kernels.append({"stem": stem, "kernel": r.name, "problem": dict(problem), "config": dict(config),
@@ -52,6 +47,23 @@ def write(plan, out_dir: str | Path, model_config: dict | None = None) -> Path:
                             "registers": r.registers, "shared_bytes": r.shared_bytes,
                             "spill_bytes": r.spill_store_bytes + r.spill_load_bytes,
                             "tensor_core_ops": list(r.tensor_core_ops)})
+    return kernels
+
+
+def write(plan, out_dir: str | Path, model_config: dict | None = None) -> Path:
+    """Copy the plan's built kernels into out_dir/kernels/ and write out_dir/manifest.json. Returns the manifest path.
+
+    Every distinct kernel (stem, constexprs, warps, stages) the plan's per-bucket tables launch is shipped once; the
+    manifest records the plan's token buckets so that `load` rebuilds the same tables. Refuses a plan with kernels
+    that did not build (they are listed in the error)."""
+    out = Path(out_dir)
+    failed = [(k, r) for k, rs in plan.reports.items() for r in rs if isinstance(r, CompileError)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} kernels did not build for {plan.target}; first: {failed[0][1]}")
+    if not plan.reports:
+        raise RuntimeError("the plan has no built kernels: run dskc.compiler.build(plan) first")
+    (out / "kernels").mkdir(parents=True, exist_ok=True)
+    kernels = _triton_kernels(plan, out)
     for (stem, problem, config), lib in getattr(plan, "libraries", {}).items():   # CUTLASS picks (.so)
         name, digest = _copy(lib.library, out, stem, "so")
         kernels.append({"stem": stem, "kernel": lib.name, "backend": "cutlass", "problem": dict(problem),
@@ -62,9 +74,9 @@ def write(plan, out_dir: str | Path, model_config: dict | None = None) -> Path:
     manifest = {
         "version": MANIFEST_VERSION, "target": plan.target.name, "created": datetime.datetime.now(
             datetime.timezone.utc).isoformat(timespec="seconds"), "toolchain": dict(toolchain()),
-        "model": model_config or {}, "kernels": kernels,
-        "regions": [{"region": c.region, "stem": c.stem, "config": dict(c.config), "source": c.source}
-                    for c in plan.choices],
+        "model": model_config or {}, "tokens": list(getattr(plan, "tokens", ())), "kernels": kernels,
+        "regions": [{"region": c.region, "slot": c.slot, "tokens": c.tokens, "stem": c.stem, "config": dict(c.config),
+                     "source": c.source} for c in plan.choices],
         "fallbacks": [{"region": r, "reason": why} for r, why in plan.fallbacks],
     }
     path = out / "manifest.json"

@@ -35,6 +35,10 @@ class Choice:
     tokens: int = 0         # the token-count bucket (rows the region's module sees) this row serves
 
 
+class ConfigError(ValueError):
+    """A selected config that breaks its stem's constraints for the problem (the region stays eager)."""
+
+
 # regions whose runtime module can launch a CUTLASS GEMM (dskc.runtime.modules.KernelLinear); the MLP and MoE
 # modules fuse epilogues into their Triton kernels and have no CUTLASS path yet
 RUNTIME_CUTLASS = frozenset({Op.LINEAR, Op.FP8_LINEAR})
@@ -55,7 +59,8 @@ def config_for(stem: str, arch: Arch, problem) -> tuple[dict, str]:
 def choose(node: Node, arch: Arch, tokens=(64,), runs_on: str = "gpu", ctx: Context | None = None) -> list[Choice]:
     """The kernels (with configs) that serve `node` on `arch` at each token-count bucket of `tokens`; [] for
     regions left to eager PyTorch. runs_on: "gpu" (the target GPU) or "cpu" (Triton's interpreter, where CUTLASS is
-    never selected). Raises ValueError when a selected config breaks its stem's constraints."""
+    never selected). Raises ConfigError when a selected config breaks its stem's constraints, TunedFileError for an
+    unreadable export."""
     from dskc.templates import registry
 
     ctx = ctx or Context(runs_on=runs_on)
@@ -66,7 +71,7 @@ def choose(node: Node, arch: Arch, tokens=(64,), runs_on: str = "gpu", ctx: Cont
             cfg, source = config_for(stem, arch, problem)
             broken = registry.broken_constraints(registry.get(stem), cfg, problem)
             if broken:
-                raise ValueError(f"{node.name}: {stem} config {cfg} ({source}) breaks {broken} for {problem}")
+                raise ConfigError(f"{node.name}: {stem} config {cfg} ({source}) breaks {broken} for {problem}")
             choice = Choice(node.name, stem, problem.items(), tuple(sorted(cfg.items())), source, slot=slot,
                             tokens=t)
             out.append(_backend(choice, node, arch, runs_on))

@@ -11,9 +11,12 @@ dskc never imports the autotuner; it reads only these files. File format (format
                   "timing_mode": "cuda-events" | "model", "date": "2026-11-23", ...}}}}
 
 `lookup(stem, arch, problem)` takes the entry whose exact fields equal the problem's and whose pow2 fields are
-nearest (in log2 distance); ties go to the smaller bucket. Entries tuned under a different toolchain (a tool
-present on both sides with another version) are stale: reported once in the log and ignored. A config that breaks
-the stem's declared constraints for the actual problem is skipped too (reported once).
+nearest (in log2 distance); ties go to the smaller bucket. Bad data never reaches a launch:
+- a file that is not JSON, truncated, of another format version or for another arch than its folder says, or
+  whose entries lack bucket/config/meta: TunedFileError naming the file (the compile is refused);
+- an entry tuned under a different toolchain (a tool present on both sides with another version), measured on
+  another GPU than this one, whose config has parameters or values outside the stem's space, or that breaks the
+  stem's declared constraints for the actual problem: ignored, with one log line each.
 """
 from __future__ import annotations
 
@@ -54,7 +57,9 @@ def read_file(path: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise TunedFileError(f"tuned config file {path} cannot be read: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise TunedFileError(f"tuned config file {path}: expected a JSON object with \"format\": {FORMAT}")
+        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise TunedFileError(f"tuned config file {path}: expected a JSON object with \"format\": {FORMAT}, got "
+                             f"format {got!r} (written by another dskc? export it again with `dskc tune --export`)")
     for field, kind in (("stem", str), ("arch", str), ("buckets", dict), ("entries", dict)):
         if not isinstance(doc.get(field), kind):
             raise TunedFileError(f"tuned config file {path}: field {field!r} missing or not a {kind.__name__}")
@@ -74,6 +79,12 @@ def _read_cached(path: str, mtime_ns: int, size: int) -> str:
 @functools.lru_cache(maxsize=None)
 def _log_once(message: str) -> None:
     log.warning(message)
+
+
+def current_gpu() -> str | None:
+    """The name of this machine's GPU (None without one: a cross-compile accepts any GPU's measurements)."""
+    import torch
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 def current_toolchain() -> dict:
@@ -105,12 +116,27 @@ def _distance(doc: dict, bucket: dict, problem: dict) -> float | None:
 
 
 def _meets_constraints(stem: str, config: dict, problem: dict) -> str | None:
+    """Why `config` cannot launch `stem` on `problem` (outside the space, or a broken constraint), or None."""
     from dskc.templates import registry
     try:
         mod = registry.get(stem)
     except KeyError:
         return None  # not a registered Triton stem (e.g. a CUTLASS one): its own builder checks the config
-    return None if registry.satisfies(mod, config, problem) else "breaks the stem's constraints"
+    if set(config) != set(mod.SPACE):
+        return f"its config has parameters {sorted(config)}, the stem's space {sorted(mod.SPACE)}"
+    outside = [f"{k}={v!r}" for k, v in config.items() if v not in mod.SPACE[k]]
+    if outside:
+        return f"its config has values outside the stem's space: {', '.join(outside)}"
+    broken = registry.broken_constraints(mod, config, problem)
+    return f"breaks the stem's constraints {broken}" if broken else None
+
+
+def _other_gpu(meta: dict, gpu: str | None) -> str | None:
+    """Why a measured entry does not apply on this GPU (measured on another one), or None."""
+    was = meta.get("gpu")
+    if gpu is None or meta.get("timing_mode") == "model" or not isinstance(was, str) or was.startswith("none"):
+        return None
+    return None if was == gpu else f"measured on {was}, this GPU is {gpu}"
 
 
 def lookup(stem: str, arch, problem: dict, *, root: Path | None = None) -> tuple[dict | None, str]:
@@ -127,10 +153,14 @@ def lookup(stem: str, arch, problem: dict, *, root: Path | None = None) -> tuple
     missing = [f for f in doc["buckets"] if f not in problem]
     if missing:
         raise ValueError(f"problem for {stem!r} lacks {missing}; {path} buckets on {sorted(doc['buckets'])}")
-    current = current_toolchain()
+    if doc["stem"] != stem or doc["arch"].replace("_", "").lower() != parse(arch).name:
+        raise TunedFileError(f"tuned config file {path} holds {doc['stem']} for {doc['arch']}, not {stem} for "
+                             f"{parse(arch).name}: a file copied to the wrong place")
+    current, gpu = current_toolchain(), current_gpu()
     best = None
     for name, entry in doc["entries"].items():
-        why = stale_reason(entry["meta"], current) or _meets_constraints(stem, entry["config"], problem)
+        why = (stale_reason(entry["meta"], current) or _other_gpu(entry["meta"], gpu)
+               or _meets_constraints(stem, entry["config"], problem))
         if why is not None:
             _log_once(f"dskc: tuned entry {name} of {path} ignored: {why}")
             continue

@@ -98,9 +98,10 @@ def problem_names() -> tuple[str, ...]:
 
 
 def rule(problem: Problem, family: str, base: dict, sms: int, fits) -> dict:
-    """Masked layout (decode): M-blocks past an expert's rows return at once, so the tile height follows the rows
-    per expert (16..64, 4 warps under 64 rows); the contiguous layout pads every expert to 128 rows: the base."""
-    if problem.layout != "masked":
+    """Masked layout (decode) and per-row expert ids (the shared experts, DeepGEMM's m_indices): M-blocks past an
+    expert's rows do no work, so the tile height follows the rows per expert (16..64, 4 warps under 64 rows); the
+    per-block layout pads every expert to `rows_per_id` rows and stores them all: the base."""
+    if problem.layout != "masked" and problem.rows_per_id != 1:
         return dict(base)
     bm = max(16, min(base["BLOCK_M"], pow2(-(-problem.M // max(1, problem.E)))))
     cfg = {**base, "BLOCK_M": bm, "num_warps": base["num_warps"] if bm >= 64 else 4}
