@@ -7,7 +7,7 @@ import torch
 import probe_stem
 from dskc.autotune import Task, prepare
 from dskc.autotune.cli import main
-from dskc.autotune.problems import linear_shapes, model_problems
+from dskc.autotune.problems import model_problems
 from dskc.autotune.routing import expert_rows, gate_topk, recorded_topk, signature
 from dskc.autotune.seeds import imported_for, read_vllm_file
 from dskc.autotune.space import load_space
@@ -53,17 +53,20 @@ def test_cli_errors_are_one_line(argv, message, capsys, tmp_path):
     assert last.startswith("dskc tune: error:") and message in last
 
 
-def test_model_problems_from_layer_shapes():
+def test_model_problems_are_the_compiled_models_launches():
     v3 = get_config("deepseek-v3")
-    shapes = linear_shapes(v3)
-    for nk in [(576, 7168), (1536, 7168), (24576, 1536), (32768, 512), (7168, 16384), (18432, 7168), (2048, 7168)]:
-        assert nk in shapes
+    # the problems are the compiled model's own launches: the block's stacked [wq_a; wkv_a] GEMM, the head's bf16
     probs = model_problems("fp8_gemm_1d2d", v3, (1, 64))
-    assert {"M": 64, "N": 576, "K": 7168} in probs and len(probs) == 2 * len(shapes)
+    assert {"M": 64, "N": 1536 + 576, "K": 7168, "out_dtype": "bf16"} in probs
+    assert {(p["N"], p["K"]) for p in probs} >= {(24576, 1536), (7168, 16384), (18432 * 2, 7168), (7168, 18432)}
+    assert {p["M"] for p in probs} == {1, 64}
     grouped = model_problems("grouped_gemm", v3, (16,))
-    assert grouped[0] == {"E": 256, "M": 128, "N": 2048, "K": 7168, "dtype": "fp8", "layout": "contiguous",
-                          "epilogue": "swiglu"}
-    with pytest.raises(ValueError, match="no model-problem mapping"):
+    # 16 tokens x top-8 over 256 experts: the masked layout (E * T rows fit), N = moe_inter_dim, SwiGLU + quant
+    assert grouped[0] == {"E": 256, "M": 256 * 16, "N": 2048, "K": 7168, "dtype": "fp8", "layout": "masked",
+                          "epilogue": "swiglu_quant", "rows_per_id": 1, "out_dtype": "fp8"}
+    assert {(p["E"], p["epilogue"]) for p in grouped} == {(256, "swiglu_quant"), (256, "weight"),
+                                                          (1, "swiglu_quant"), (1, "none")}
+    with pytest.raises(ValueError, match="launches no 'nope'"):
         model_problems("nope", v3)
 
 

@@ -51,9 +51,11 @@ def test_pass_fuses_attn_norm_into_one_stacked_gemm_and_ffn_norm_into_the_dense_
             assert nodes[f"layers.{i}.attn.{lin}"].attr("fused_into") == f"layers.{i}"
             assert not [c for c in p.choices if c.region == f"layers.{i}.attn.{lin}"]
         # the block lists what it runs: the rmsnorm + act_quant kernel and one GEMM over [wq_a; wkv_a]
-        kernels = [(c.stem, dict(c.problem)) for c in p.choices if c.region == f"layers.{i}"]
-        assert kernels == [("act_quant", {"M": 64, "K": cfg.dim}),
-                           ("fp8_gemm_1d2d", {"M": 64, "N": TINY_Q_A + TINY_KV_A, "K": cfg.dim})]
+        kernels = [(c.slot, c.stem, dict(c.problem)) for c in p.choices if c.region == f"layers.{i}" and c.tokens == 64]
+        assert kernels == [("quant", "act_quant", {"M": 64, "K": cfg.dim, "dtype": "bf16", "op": "rmsnorm",
+                                                   "ue8m0": 0}),
+                           ("gemm0", "fp8_gemm_1d2d", {"M": 64, "N": TINY_Q_A + TINY_KV_A, "K": cfg.dim,
+                                                       "out_dtype": "bf16"})]
     dense = cfg.n_dense_layers
     assert nodes["layers.0.ffn_norm"].attr("fused_into") == "layers.0.ffn"
     assert nodes["layers.0.ffn_norm"].attr("residual") == "add"
@@ -78,7 +80,8 @@ def test_q_lora_rank_0_stacks_wq_with_wkv_a_or_keeps_two_gemms_when_blocks_do_no
     # 3 heads x 192: wq is 576 wide, its last scale block would straddle wq and wkv_a: two GEMMs on one (q, s)
     p = compiler.plan(Transformer(_split_cfg(), device="meta"), "sm90a")
     assert _nodes(p)["layers.0"].attr("attn_gemm_n") == (576, 576)
-    assert [dict(c.problem).get("N") for c in p.choices if c.region == "layers.0"] == [None, 576, 576]
+    assert [dict(c.problem).get("N") for c in p.choices if c.region == "layers.0" and c.tokens == 64] == \
+        [None, 576, 576]
 
 
 def _split_cfg():
