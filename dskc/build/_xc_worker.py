@@ -50,7 +50,9 @@ def _compile_one(spec: dict, cc: int, suffix: str, workdir: str) -> dict:
     consts = {k: v for k, v in spec["constexprs"]}
     # Pointer arguments are 16-byte aligned, as Triton's launcher specialises them at run time on a GPU (dskc.ops
     # checks it before launching); without this a cross-compile loses vectorised loads and reports false spills.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
+    unaligned = set(spec.get("unaligned", ()))
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(sig.items())
+             if t.startswith("*") and name not in unaligned}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                         options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})

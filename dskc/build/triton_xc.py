@@ -39,11 +39,14 @@ class CompileSpec:
     constexprs: tuple                 # ((name, value), ...)
     num_warps: int = 4
     num_stages: int = 3
+    unaligned: tuple = ()             # pointer arguments a launch may pass not 16-byte aligned (e.g. a view into a
+                                      # stacked tensor): built without the 16-divisibility assumption
 
     @staticmethod
-    def make(module, kernel, signature: dict, constexprs: dict, num_warps=4, num_stages=3) -> "CompileSpec":
+    def make(module, kernel, signature: dict, constexprs: dict, num_warps=4, num_stages=3,
+             unaligned=()) -> "CompileSpec":
         return CompileSpec(module, kernel, tuple(signature.items()), tuple(sorted(constexprs.items())),
-                           num_warps, num_stages)
+                           num_warps, num_stages, tuple(unaligned))
 
     @property
     def name(self) -> str:
@@ -101,6 +104,8 @@ def toolchain() -> tuple:
 def _key(spec: CompileSpec, arch: Arch) -> cache.CacheKey:
     config = spec.constexprs + (("num_warps", spec.num_warps), ("num_stages", spec.num_stages),
                                 ("signature", spec.signature))
+    if spec.unaligned:
+        config += (("unaligned", spec.unaligned),)
     return cache.CacheKey("triton", f"{spec.module}.{spec.kernel}", _source_hash(spec), config, arch.name, toolchain())
 
 

@@ -34,7 +34,8 @@ def grouped_gemm(a, sa, b, sb, out, *, m_indices=None, block_expert=None, align=
     if epilogue not in _gg.EPILOGUES:
         _fail(f"epilogue must be one of {sorted(_gg.EPILOGUES)}, got {epilogue!r}")
     swiglu = epilogue.startswith("swiglu")
-    if swiglu and b_up is None:
+    stacked = swiglu and b_up is None
+    if stacked:
         if n % 2 or (fp8 and (n // 2) % 128):
             _fail(f"a stacked [gate; up] weight needs an even N (a multiple of 256 for fp8), got N={n}")
         n //= 2
@@ -49,7 +50,7 @@ def grouped_gemm(a, sa, b, sb, out, *, m_indices=None, block_expert=None, align=
         _fail("give exactly one of m_indices / block_expert (2-D a) or masked_m (3-D a)")
     per_id = align if block_expert is not None and isinstance(align, int) else 1
     problem = _gg.Problem(e, rows, n, k, "fp8" if fp8 else _DT[a.dtype], "masked" if masked else "contiguous",
-                          epilogue, per_id, "fp8" if epilogue == "swiglu_quant" else _DT[out.dtype])
+                          epilogue, per_id, "fp8" if epilogue == "swiglu_quant" else _DT[out.dtype], int(stacked))
     _devices(a=a, sa=sa, b=b, sb=sb, out=out, out_scale=out_scale, row_weight=row_weight)
     cfg = _config(_gg, config, problem, a.device)
     eid, per_id, m_max, n_mblocks = _expert_map(a, e, rows, m_indices, block_expert, align, masked_m, cfg)

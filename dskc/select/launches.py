@@ -77,7 +77,7 @@ def _moe(n: Node, t: int, ctx: Context) -> list:
     out = [("route", moe_route.Problem(t, e, k, n.attr("n_groups"), n.attr("topk_groups"),
                                         n.attr("score_func") == "sigmoid", bool(n.attr("gate_bias")))),
            ("permute", moe_permute.Problem(t, e, k, dim, MOE_ALIGN, int(masked), int(fp8), kd, int(bool(shared)))),
-           ("gemm1", grouped_gemm.Problem(e, rows, inter, dim, wd, layout, up_epi, per_id, h)),
+           ("gemm1", grouped_gemm.Problem(e, rows, inter, dim, wd, layout, up_epi, per_id, h, stacked_up=1)),
            ("gemm2", grouped_gemm.Problem(e, rows, dim, inter, wd, layout, "weight", per_id, kd))]
     if shared:
         out += [("shared_gemm1", grouped_gemm.Problem(1, t, shared, dim, wd, "contiguous", up_epi, 1, h)),

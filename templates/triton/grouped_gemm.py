@@ -41,7 +41,8 @@ class Problem(ProblemBase):
     (N_out: the SwiGLU epilogues read 2N weight rows); K; dtype of A and B ("fp8" | "bf16" | "fp16");
     layout "contiguous" | "masked"; epilogue "none" | "swiglu" | "swiglu_quant" | "weight"; rows_per_id: rows
     sharing one expert id (1: DeepGEMM's m_indices or the masked layout; align: dskc's per-block `block_expert`);
-    out_dtype: C's dtype unless the epilogue quantises ("bf16" | "fp16" | "fp32")."""
+    out_dtype: C's dtype unless the epilogue quantises ("bf16" | "fp16" | "fp32"); stacked_up: 1 when the SwiGLU
+    up half is a view into a stacked [gate; up] weight (fused_moe), whose up scales may not start 16-byte aligned."""
     E: int
     M: int
     N: int
@@ -51,6 +52,7 @@ class Problem(ProblemBase):
     epilogue: str = "none"
     rows_per_id: int = 1
     out_dtype: str = "bf16"
+    stacked_up: int = 0
     BUCKETS = {"M": "pow2"}
 
 SMEM_LIMIT = 232448  # bytes per block on sm_90 (REFERENCE.md section 4)
@@ -156,8 +158,11 @@ def compile_specs(problem, config: dict) -> list[CompileSpec]:
     kw = bind(problem, config)["grouped_gemm_kernel"]
     cx = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
     sig.update({k: "constexpr" for k in cx})
+    # the up scales of a stacked weight start (N / 128) * (K / 128) fp32 after the gate's: 16-byte aligned or not
+    unaligned = ("sbu_ptr",) if fp8 and swiglu and problem.stacked_up and (problem.N // 128) * (problem.K // 128) % 4 \
+        else ()
     return [CompileSpec.make(__name__, "grouped_gemm_kernel", sig, cx, num_warps=kw["num_warps"],
-                             num_stages=kw["num_stages"])]
+                             num_stages=kw["num_stages"], unaligned=unaligned)]
 
 
 @triton.jit

@@ -25,7 +25,7 @@ PROBE = Path(__file__).with_name("_aot_probe.py")
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "tiny-sm90a"
-    assert cli.main(["compile", "--model", "tiny", "--target", "sm90a", "--out", str(out)]) == 0
+    assert cli.main(["compile", "--model", "tiny", "--target", "sm90a", "--out", str(out), "--tokens", "1,16,128"]) == 0
     return out
 
 
@@ -78,7 +78,7 @@ def test_load_runs_the_same_kernels_as_compile(tiny_dir):
     init_random(model, seed=1)
     loaded = compiler.load(model, tiny_dir)
     assert loaded.plan.fallbacks == [] and not loaded.aot.serving   # the interpreter runs them here
-    fresh = compiler.compile(model, "sm90a", build_kernels=False, progress=False)
+    fresh = compiler.compile(model, "sm90a", build_kernels=False, progress=False, tokens=(1, 16, 128))
     assert {(c.region, c.stem, c.config) for c in loaded.plan.choices} == \
         {(c.region, c.stem, c.config) for c in fresh.plan.choices}
     tok = torch.randint(0, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2))
