@@ -160,6 +160,8 @@ def build(p: Plan, progress: bool = True) -> Plan:
     p.specs = built
     failed_keys = set()
     for key, ss in wanted.items():
+        if not all(s in built for s in ss):
+            continue
         p.reports[key] = [built[s] for s in ss]
         if any(isinstance(built[s], CompileError) for s in ss):
             failed_keys.add(key)

@@ -63,7 +63,7 @@ def test_model_problems_are_the_compiled_models_launches():
     grouped = model_problems("grouped_gemm", v3, (16,))
     # 16 tokens x top-8 over 256 experts: the masked layout (E * T rows fit), N = moe_inter_dim, SwiGLU + quant
     assert grouped[0] == {"E": 256, "M": 256 * 16, "N": 2048, "K": 7168, "dtype": "fp8", "layout": "masked",
-                          "epilogue": "swiglu_quant", "rows_per_id": 1, "out_dtype": "fp8"}
+                          "epilogue": "swiglu_quant", "rows_per_id": 1, "out_dtype": "fp8", "stacked_up": 1}
     assert {(p["E"], p["epilogue"]) for p in grouped} == {(256, "swiglu_quant"), (256, "weight"),
                                                           (1, "swiglu_quant"), (1, "none")}
     with pytest.raises(ValueError, match="launches no 'nope'"):

@@ -30,7 +30,7 @@ def _toolchain():
 
 def entry(op="fp8_gemm_1d2d", problem=WO, backend="cutlass", stem="sm90_fp8_gemm_1d2d", config=CFG,
           triton_us=40.0, cutlass_us=30.0, mode="cuda-graph", toolchain=None):
-    return {"op": op, "bucket": backends.bucket(problem), "backend": backend, "stem": stem, "config": dict(config),
+    return {"op": op, "bucket": backends.bucket(problem, op), "backend": backend, "stem": stem, "config": dict(config),
             "triton_us": triton_us, "cutlass_us": cutlass_us, "timing_mode": mode,
             "meta": {"gpu": "NVIDIA H200", "toolchain": toolchain or _toolchain()}}
 
@@ -45,6 +45,8 @@ def write(root, *entries, raw=None):
 
 
 def plan_with(root, model, **kw):
+    if "tokens" not in kw:
+        kw.setdefault("m_hint", 64)           # one token bucket: the decisions below are for M = 64
     with knobs.scope(tuned_dir=root):
         return compiler.plan(model, "sm90a", **kw)
 
@@ -75,7 +77,8 @@ def test_gpu_timed_decision_switches_the_bucket_to_cutlass(model, tmp_path):
     assert {c.region for c in picked} == {f"layers.{i}.attn.wo" for i in range(3)}
     c = picked[0]
     assert c.stem == "sm90_fp8_gemm_1d2d" and dict(c.config) == CFG and c.source == f"measured:{path}"
-    assert c.triton[0] == "fp8_gemm_1d2d" and c.triton[2] == "default:sm90" and dict(c.problem) == WO
+    assert c.triton[0] == "fp8_gemm_1d2d" and c.triton[2] == "default:sm90"
+    assert dict(c.problem) == {**WO, "out_dtype": "bf16"} and c.slot == "gemm" and c.tokens == 64
     assert "cutlass 1.33x faster" in c.why and "cuda-graph" in c.why
     # the act_quant of the region and every other GEMM bucket stay on Triton
     assert all(x.backend == "triton" for x in p.choices if x.region == c.region and x is not c)
@@ -116,13 +119,12 @@ def test_corrupt_decision_file_raises_naming_it(model, tmp_path, raw, message):
 
 
 def test_moe_decision_is_recorded_but_runtime_has_no_cutlass_path(model, tmp_path):
-    grouped = {"E": 16, "K": 256, "M": 16, "N": 256, "dtype": "fp8", "epilogue": "swiglu_quant",
-               "layout": "contiguous"}
+    grouped = dict(next(c.problem for c in plan_with(tmp_path, model).choices if c.slot == "gemm1"))
     cfg = dict(VERIFIED["sm90_fp8_grouped_gemm_1d2d"][0])
     write(tmp_path, entry("grouped_gemm", grouped, stem="sm90_fp8_grouped_gemm_1d2d", config=cfg))
     p = plan_with(tmp_path, model)
     assert all(c.backend == "triton" for c in p.choices)
-    moe = [c for c in p.choices if c.stem == "grouped_gemm" and dict(c.problem)["epilogue"] == "swiglu_quant"]
+    moe = [c for c in p.choices if c.slot == "gemm1"]
     assert moe and all("no CUTLASS path in the moe runtime module" in c.why for c in moe)
     assert RUNTIME_CUTLASS == {compiler.Op.LINEAR, compiler.Op.FP8_LINEAR}
 
@@ -143,7 +145,7 @@ def test_compile_on_cpu_keeps_triton_and_explain_says_so(tmp_path):
     torch.manual_seed(0)
     model = Transformer(get_config("tiny"))
     with knobs.scope(tuned_dir=tmp_path, triton_interpret=True):
-        compiled = compiler.compile(model, build_kernels=False, progress=False)
+        compiled = compiler.compile(model, build_kernels=False, progress=False, tokens=(64,))
     linears = [m for m in compiled.module.modules() if type(m).__name__ == "KernelLinear"]
     assert linears and all(m.cutlass is None for m in linears)
     assert "CPU runtime (interpreter) cannot run CUTLASS" in compiled.explain()
