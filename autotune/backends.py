@@ -40,9 +40,10 @@ class Timed:
 def triton_config(stem: str, problem: dict, arch) -> tuple[dict, str]:
     """The Triton config the compiler would select for this problem, and where it came from."""
     from dskc.templates import registry
-    cfg, source = tuned.lookup(stem, arch, problem)
+    bucket = registry.problem(stem, problem).bucket()
+    cfg, source = tuned.lookup(stem, arch, bucket.as_dict())
     if cfg is None:
-        return registry.default_config(stem, parse(arch)), f"default:{parse(arch).family}"
+        return registry.default_config(stem, parse(arch), bucket), f"default:{parse(arch).family}"
     return cfg, source
 
 

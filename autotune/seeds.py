@@ -19,10 +19,15 @@ _VLLM_DEFAULT_NAMES = {"BLOCK_SIZE_M": "BLOCK_M", "BLOCK_SIZE_N": "BLOCK_N", "BL
                        "GROUP_SIZE_M": "GROUP_M", "num_warps": "num_warps", "num_stages": "num_stages"}
 
 
-def default_config(space: TuneSpace, arch) -> dict:
+def default_config(space: TuneSpace, arch, problem: dict | None = None) -> dict:
+    """The config the compiler runs untuned: for a registered stem and a problem, its tuning-free rule's choice
+    (dskc.templates.registry.default_config); otherwise the arch family's DEFAULTS entry."""
     family = parse(arch).family
     if family not in space.module.DEFAULTS:
         raise KeyError(f"stem {space.stem!r} has no default config for {family}; it has {sorted(space.module.DEFAULTS)}")
+    if problem is not None and hasattr(space.module, "Problem") and hasattr(space.module, "rule"):
+        from dskc.templates import registry
+        return registry.default_config(space.stem, arch, problem)
     return dict(space.module.DEFAULTS[family])
 
 
@@ -33,7 +38,7 @@ def seed_configs(space: TuneSpace, arch, problem: dict, imported: list) -> list[
     bug; the study then has no 'default' baseline and the final table says so).
     """
     family = parse(arch).family
-    candidates = [("default", default_config(space, arch))]
+    candidates = [("default", default_config(space, arch, problem))]
     candidates += [(f"known_good[{i}]", c) for i, c in enumerate(space.data.get("known_good", {}).get(family, []))]
     candidates += [(f"imported[{i}]", c) for i, c in enumerate(imported)]
     out, seen = [], []

@@ -117,7 +117,7 @@ def make_key(task: Task, timer) -> StudyKey:
     space = load_space(task.stem)
     arch = parse(task.arch)
     prob = check_problem(space, task.problem)
-    default = seeds_mod.default_config(space, arch)
+    default = seeds_mod.default_config(space, arch, prob)
     specs = space.module.compile_specs(prob, default)
     dtype = next((t.lstrip("*") for _, t in specs[0].signature if t.startswith("*")), "none") if specs else "none"
     tools = toolchain() + (("cuda", _cuda_version()),)
@@ -255,7 +255,7 @@ def work(task: Task) -> int:
     study, key, timer, _ = _load(task, create=False)
     space = load_space(task.stem)
     problem = dict(key.bucket)
-    default = seeds_mod.default_config(space, key.arch)
+    default = seeds_mod.default_config(space, key.arch, problem)
     objective = Objective(space, problem, key.arch, timer, default_tensor_cores(space, problem, key.arch, default))
     return slots.Worker(study, task.heartbeat_s, task.grace_s, failures=(TrialFailed,)).drain(objective)
 

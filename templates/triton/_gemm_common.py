@@ -50,6 +50,10 @@ def num_tiles(M: int, N: int, block_m: int, block_n: int) -> int:
 # small M with a long K is split along K (SPLIT_K, where the stem has it) until about one wave is full.
 GEMM_TILES = ((16, 64), (16, 128), (32, 64), (32, 128), (64, 64), (64, 128), (128, 128), (128, 256))
 SPLIT_CHOICES = (1, 2, 4, 8)
+# The smallest tile height that keeps each family's tensor-core instruction: Hopper's wgmma and Blackwell's tcgen05
+# issue 64-row MMAs (kernel_report, sm_90a, fp8 16x64x128 with 4 warps: HMMA instead of QGMMA); sm_80's mma.sync is
+# 16 rows tall.
+MIN_BLOCK_M = {"sm80": 16, "sm90": 64, "sm100": 64}
 
 
 def waves(M: int, N: int, block_m: int, block_n: int, split: int, sms: int) -> tuple[int, float]:
@@ -59,13 +63,14 @@ def waves(M: int, N: int, block_m: int, block_n: int, split: int, sms: int) -> t
     return n, programs / (n * sms)
 
 
-def gemm_rule(problem: dict, base: dict, sms: int, fits, tiles=GEMM_TILES) -> dict:
+def gemm_rule(problem: dict, base: dict, sms: int, fits, tiles=GEMM_TILES, family: str = "sm90") -> dict:
     """The config the rule picks for problem {M, N, K} (see above); `fits(config)` says whether a config meets the
     stem's constraints; `base` supplies every other parameter (GROUP_M, UPCAST, stages)."""
     M, N, K = problem["M"], problem["N"], problem["K"]
+    low = MIN_BLOCK_M.get(family, 16)
     best = None
     for bm, bn in tiles:
-        if bm > 16 and bm // 2 >= M:            # a tile twice as tall as the rows is waste, never faster
+        if bm < low or (bm > low and bm // 2 >= M):   # below the MMA's height / twice as tall as the rows: waste
             continue
         for warps in (4, 8):
             cfg = {**base, "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps}

@@ -67,7 +67,7 @@ TILES = tuple(t for t in GEMM_TILES if t != (16, 128))
 
 def rule(problem: Problem, family: str, base: dict, sms: int, fits) -> dict:
     """The tuning-free config for `problem` (waves / SM fill; _gemm_common.gemm_rule over TILES)."""
-    return gemm_rule(problem.as_dict(), base, sms, fits, TILES)
+    return gemm_rule(problem.as_dict(), base, sms, fits, TILES, family)
 
 
 @functools.lru_cache(maxsize=256)

@@ -77,7 +77,7 @@ def problem_names() -> tuple[str, ...]:
 
 def rule(problem: Problem, family: str, base: dict, sms: int, fits) -> dict:
     """The tuning-free config for `problem` (waves / SM fill, split-K at small M; _gemm_common.gemm_rule)."""
-    return gemm_rule(problem.as_dict(), base, sms, fits)
+    return gemm_rule(problem.as_dict(), base, sms, fits, family=family)
 
 
 @functools.lru_cache(maxsize=256)

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from dskc.build.triton_xc import CompileSpec
+from dskc.templates.triton._gemm_common import MIN_BLOCK_M
 from dskc.templates.triton._moe_common import to_e4m3
 from dskc.templates.triton._problem import ProblemBase, element, launch as _launch, pow2
 
@@ -101,11 +102,13 @@ def problem_names() -> tuple[str, ...]:
 
 def rule(problem: Problem, family: str, base: dict, sms: int, fits) -> dict:
     """Masked layout (decode) and per-row expert ids (the shared experts, DeepGEMM's m_indices): M-blocks past an
-    expert's rows do no work, so the tile height follows the rows per expert (16..64, 4 warps under 64 rows); the
-    per-block layout pads every expert to `rows_per_id` rows and stores them all: the base."""
+    expert's rows do no work, so the tile height follows the rows per expert (down to the family's MMA height:
+    16 on sm_80, 64 on sm_90 / sm_100, where it is the base; 4 warps under 64 rows); the per-block layout pads
+    every expert to `rows_per_id` rows and stores them all: the base."""
     if problem.layout != "masked" and problem.rows_per_id != 1:
         return dict(base)
-    bm = max(16, min(base["BLOCK_M"], pow2(-(-problem.M // max(1, problem.E)))))
+    low = MIN_BLOCK_M.get(family, 16)
+    bm = max(low, min(base["BLOCK_M"], pow2(-(-problem.M // max(1, problem.E)))))
     cfg = {**base, "BLOCK_M": bm, "num_warps": base["num_warps"] if bm >= 64 else 4}
     return cfg if fits(cfg) else dict(base)
 

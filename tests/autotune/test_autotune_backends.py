@@ -13,6 +13,7 @@ from dskc.model import Transformer, get_config
 from dskc.select import backends as reader
 
 PROBLEM = {"M": 64, "N": 256, "K": 256}      # tiny's attn.wo at m_hint 64 (its Triton kernel sits in the test cache)
+BUCKET = {**PROBLEM, "out_dtype": "bf16"}    # its bucket: the stem's Problem, defaults filled in
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def model_entry():
 def test_model_comparison_ranks_but_is_labelled_an_estimate(model_entry):
     e = model_entry
     assert e["timing_mode"] == "model" and e["meta"]["gpu"] == "none (model)"
-    assert e["op"] == "fp8_gemm_1d2d" and e["bucket"] == PROBLEM and e["stem"] == "sm90_fp8_gemm_1d2d"
+    assert e["op"] == "fp8_gemm_1d2d" and e["bucket"] == BUCKET and e["stem"] == "sm90_fp8_gemm_1d2d"
     assert len(e["meta"]["candidates"]) == 3
     times = [c["us"] for c in e["meta"]["candidates"]]
     assert all(t is not None and 0 < t < 1e4 for t in times)
@@ -36,7 +37,7 @@ def test_model_comparison_ranks_but_is_labelled_an_estimate(model_entry):
 def test_model_export_never_switches_the_compiler(model_entry, tmp_path):
     path = backends.export_decision(model_entry, "sm90a", tmp_path)
     assert path == tmp_path / "sm90a" / "_backends.json"
-    assert reader.read_file(path)["entries"][reader.entry_name("fp8_gemm_1d2d", PROBLEM)]["timing_mode"] == "model"
+    assert reader.read_file(path)["entries"][reader.entry_name("fp8_gemm_1d2d", BUCKET)]["timing_mode"] == "model"
     with knobs.scope(tuned_dir=tmp_path):
         p = compiler.plan(Transformer(get_config("tiny"), device="meta"), "sm90a")
     assert all(c.backend == "triton" for c in p.choices)
@@ -51,7 +52,7 @@ def test_measured_entry_is_kept_over_a_model_one_and_replaces_it(model_entry, tm
     backends.export_decision(model_entry, "sm90a", tmp_path)          # a later estimate does not overwrite
     entries = reader.read_file(path)["entries"]
     assert len(entries) == 1 and next(iter(entries.values()))["timing_mode"] == "cuda-graph"
-    other = {**model_entry, "bucket": {**PROBLEM, "M": 256}}
+    other = {**model_entry, "bucket": {**BUCKET, "M": 256}}
     backends.export_decision(other, "sm90a", tmp_path)                 # other buckets are merged in
     assert len(reader.read_file(path)["entries"]) == 2
     with knobs.scope(tuned_dir=tmp_path):
@@ -94,7 +95,7 @@ def test_cli_compares_and_exports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fp8_gemm_1d2d" in out and "model" in out and "ESTIMATES" in out
     doc = json.loads((tmp_path / "sm90a" / "_backends.json").read_text())
-    assert list(doc["entries"]) == [reader.entry_name("fp8_gemm_1d2d", PROBLEM)]
+    assert list(doc["entries"]) == [reader.entry_name("fp8_gemm_1d2d", BUCKET)]
     assert main(["--backends", "triton,cuda", "--target", "sm90a", "--problem", json.dumps(PROBLEM)]) == 2
     assert "--backends takes 'triton,cutlass'" in capsys.readouterr().err
 

@@ -82,5 +82,7 @@ def test_explain_shows_what_runs_per_bucket():
     section = text.split("== configs per token-count bucket")[1]
     assert "tokens<=1" in section and "tokens<=4096" in section
     row = next(line for line in section.splitlines() if line.startswith("layers.*.attn.wo ") and "fp8_gemm" in line)
-    # the tuning-free rule: a 16-row tile for one token, 128 rows for 4096 (waves over 132 SMs, as DeepGEMM picks)
-    assert "M16," in row.split("fp8_gemm_1d2d")[1].split()[0] and "M128," in row.split()[-1]
+    # the tuning-free rule: 64-row tiles (one wgmma) with narrow N for one token, 128 x 128 for 4096 (waves over
+    # 132 SMs, as DeepGEMM picks its blocks)
+    first, last = row.split("fp8_gemm_1d2d")[1].split()[0], row.split()[-1]
+    assert "M64,N64," in first and "M128,N128," in last, (first, last)
