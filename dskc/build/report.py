@@ -16,9 +16,7 @@ def kernel_report(stem: str, problem: dict, arch: str = "sm90a", config: dict | 
     arch = parse(arch)
     mod = registry.get(stem)
     cfg = dict(config) if config is not None else registry.default_config(stem, arch)
-    missing = [n for n in mod.problem_names() if n not in problem]
-    if missing:
-        raise ValueError(f"problem for {stem!r} lacks {missing}; it needs {list(mod.problem_names())}")
+    problem = mod.Problem.of(problem)          # fields with defaults may be left out; ValueError naming a missing one
     reports = compile_kernels(mod.compile_specs(problem, cfg), arch)
     for r in reports:
         if isinstance(r, CompileError):
