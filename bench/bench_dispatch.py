@@ -96,3 +96,16 @@ def test_tuned_lookup(benchmark):
             found = lambda: tuned.lookup("fp8_gemm_1d2d", "sm90a", {"M": 4, "N": 256, "K": 256})  # noqa: E731
             assert found()[0] == cfg
             benchmark.pedantic(found, rounds=200, iterations=20, warmup_rounds=5)
+
+
+def test_launch_config_resolution(benchmark):
+    """What a CUDA call of fp8_gemm now pays for its config: the per-bucket cached resolution (dskc.ops._config),
+    the tuned lookup above run once per (stem, arch, bucket). Runs the on-GPU branch on the CPU (no tensor needed)."""
+    from dskc.ops import _config
+    from dskc.templates.triton.fp8_gemm import Problem
+
+    _config.clear()
+    problem = Problem(4, 256, 256)
+    found = lambda: _config._resolved("fp8_gemm_1d2d", "sm90a", True, problem.bucket(), ())  # noqa: E731
+    assert found()["BLOCK_K"] == 128
+    benchmark.pedantic(found, rounds=200, iterations=20, warmup_rounds=5)
