@@ -86,3 +86,19 @@ def test_explain_shows_what_runs_per_bucket():
     # 132 SMs, as DeepGEMM picks its blocks)
     first, last = row.split("fp8_gemm_1d2d")[1].split()[0], row.split()[-1]
     assert "M64,N64," in first and "M128,N128," in last, (first, last)
+
+
+def test_a_kernel_that_does_not_build_marks_every_region_launching_it(monkeypatch):
+    from dskc.build.triton_xc import CompileError
+
+    p = compiler.plan(Transformer(get_config("tiny"), device="meta"), "sm90a", tokens=(1, 16))
+    victim = next(c for c in p.choices if c.slot == "gemm" and c.region.endswith("attn.wo"))
+    bad = set(registry.get(victim.stem).compile_specs(dict(victim.problem), dict(victim.config)))
+    users = {c.region for c in p.choices
+             if bad & set(registry.get(c.stem).compile_specs(dict(c.problem), dict(c.config)))}
+    assert len(users) > 1                       # the three wo's at least: one failed build, many regions
+    monkeypatch.setattr(compiler, "compile_kernels",
+                        lambda specs, arch: [CompileError("made up") if s in bad else None for s in specs])
+    compiler.build(p, progress=False)
+    assert {r for r, _ in p.fallbacks} == users
+    assert all("does not build for sm90a: made up" in why for _, why in p.fallbacks)
