@@ -45,7 +45,9 @@ def test_manifest_ships_metadata_and_launch_specialisation(tiny_dir):
         launch = k["launch"]
         assert meta["name"] == launch["function"] and meta["num_warps"] == launch["num_warps"]
         assert meta["target"]["arch"] == 90
-        assert set(launch["divisible_by_16"]) == {n for n, t in launch["signature"].items() if t.startswith("*")}
+        pointers = {n for n, t in launch["signature"].items() if t.startswith("*")}
+        # every pointer but a stacked SwiGLU weight's up scales (a view: CompileSpec.unaligned) is 16-divisible
+        assert set(launch["divisible_by_16"]) <= pointers and pointers - set(launch["divisible_by_16"]) <= {"sbu_ptr"}
 
 
 def test_shipped_cubins_serve_the_launches_triton_would_compile(tiny_dir):
