@@ -51,7 +51,7 @@ def _export(stem: str, problem: dict, config: dict, root, toolchain: dict | None
     finished trial of `config`."""
     storage = f"sqlite:///{root / 'optuna.db'}"
     task = Task(stem, problem, "sm90a", storage, n_trials=1, seed=0)
-    study, key, timer = study_mod._load(task, create=True)
+    study, key, timer, _ = study_mod._load(task, create=True)
     space = load_space(stem)
     study.set_user_attr("key", {**__import__("dataclasses").asdict(key),
                                 **({"toolchain": tuple(toolchain.items())} if toolchain else {})})
