@@ -316,8 +316,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 
 TOKENS_HELP = ("comma-separated token counts (e.g. 1,16,128,4096): each count's power-of-two bucket gets a config "
-               "table, and every kernel the runtime launches for them is built (default 1,4,16,...,16384 up to "
-               "max_batch_size * max_seq_len); a count between two buckets runs the next one up")
+               "table, and every kernel the runtime launches for them is built (default 1,16,128,1024,4096,16384 "
+               "up to max_batch_size * max_seq_len); a count between two buckets runs the next one up")
 
 
 def build_parser() -> argparse.ArgumentParser:

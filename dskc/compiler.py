@@ -28,7 +28,7 @@ from dskc.templates.triton._problem import pow2
 log = logging.getLogger("dskc.compile")
 
 
-DEFAULT_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)   # token-count buckets planned when none are named
+DEFAULT_TOKENS = (1, 16, 128, 1024, 4096, 16384)   # token-count buckets planned when none are named
 
 
 @dataclasses.dataclass
