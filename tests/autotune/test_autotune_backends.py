@@ -39,7 +39,7 @@ def test_model_export_never_switches_the_compiler(model_entry, tmp_path):
     assert path == tmp_path / "sm90a" / "_backends.json"
     assert reader.read_file(path)["entries"][reader.entry_name("fp8_gemm_1d2d", BUCKET)]["timing_mode"] == "model"
     with knobs.scope(tuned_dir=tmp_path):
-        p = compiler.plan(Transformer(get_config("tiny"), device="meta"), "sm90a")
+        p = compiler.plan(Transformer(get_config("tiny"), device="meta"), "sm90a", m_hint=64)
     assert all(c.backend == "triton" for c in p.choices)
     assert any("estimate only, not applied" in c.why for c in p.choices)
 
@@ -56,7 +56,7 @@ def test_measured_entry_is_kept_over_a_model_one_and_replaces_it(model_entry, tm
     backends.export_decision(other, "sm90a", tmp_path)                 # other buckets are merged in
     assert len(reader.read_file(path)["entries"]) == 2
     with knobs.scope(tuned_dir=tmp_path):
-        p = compiler.plan(Transformer(get_config("tiny"), device="meta"), "sm90a")
+        p = compiler.plan(Transformer(get_config("tiny"), device="meta"), "sm90a", m_hint=64)
     assert {c.region for c in p.choices if c.backend == "cutlass"} == {f"layers.{i}.attn.wo" for i in range(3)}
 
 

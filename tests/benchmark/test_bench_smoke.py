@@ -170,7 +170,7 @@ def test_tuned_row_uses_the_exported_config_and_reports_a_missing_one(tmp_path):
     from dskc.benchmark.runner import run_impl
 
     config = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "SPLIT_K": 1, "UPCAST": 0,
-              "num_warps": 4, "num_stages": 1}
+              "num_warps": 4, "num_stages": 2}
     _tuned_file(tmp_path, config)
     ctx = Ctx("cpu", True, "sm90a", None, "off")
     ceilings = {"bf16_matmul": {"value": 1.0}, "copy": {"value": 1.0}}

@@ -39,7 +39,7 @@ def _nodes(p):
 
 def test_pass_fuses_attn_norm_into_one_stacked_gemm_and_ffn_norm_into_the_dense_mlp():
     cfg = get_config("tiny")
-    p = compiler.plan(Transformer(cfg, device="meta"), "sm90a")
+    p = compiler.plan(Transformer(cfg, device="meta"), "sm90a", m_hint=64)
     nodes = _nodes(p)
     assert p.fallbacks == []
     for i in range(cfg.n_layers):
@@ -78,7 +78,7 @@ def test_q_lora_rank_0_stacks_wq_with_wkv_a_or_keeps_two_gemms_when_blocks_do_no
     assert lite["layers.0"].attr("attn_gemm_n") == (16 * 192 + 576,)
     assert lite["layers.0.ffn"].dtype == "bf16" and lite["layers.0"].attr("ffn_norm") is None
     # 3 heads x 192: wq is 576 wide, its last scale block would straddle wq and wkv_a: two GEMMs on one (q, s)
-    p = compiler.plan(Transformer(_split_cfg(), device="meta"), "sm90a")
+    p = compiler.plan(Transformer(_split_cfg(), device="meta"), "sm90a", m_hint=64)
     assert _nodes(p)["layers.0"].attr("attn_gemm_n") == (576, 576)
     assert [dict(c.problem).get("N") for c in p.choices if c.region == "layers.0" and c.tokens == 64] == \
         [None, 576, 576]
