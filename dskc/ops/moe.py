@@ -26,12 +26,14 @@ __all__ = ["moe_route", "moe_align", "moe_gather", "moe_combine", "grouped_gemm"
 # ---------------------------------------------------------------- routing
 
 def moe_route(logits, bias=None, *, top_k: int, n_groups: int = 1, n_limited_groups: int = 1,
-              score_func: str = "softmax", route_scale: float = 1.0, config=None):
+              score_func: str = "softmax", route_scale: float = 1.0, renorm: bool | None = None, config=None):
     """DeepSeek-V3 Gate on precomputed logits [T, E] fp32 -> (weights [T, top_k] fp32, ids [T, top_k] int32).
 
     bias: None or [E] fp32, added for selection only. n_groups must divide E; group-limited selection keeps
     n_limited_groups groups (scored by their top-2 sum with a bias, their max without). Ids are in descending
     selection-score order; exact ties go to the lowest index (see templates/triton/moe_route.py).
+    renorm: divide the top-k weights by their sum (None: under sigmoid only, as DeepSeek-V3's Gate; True for
+    transformers' norm_topk_prob and Mixtral's softmax top-k, False for a sigmoid router without it).
     """
     _tensor("logits", logits, (torch.float32,), ndim=2)
     t, e = logits.shape
@@ -39,7 +41,8 @@ def moe_route(logits, bias=None, *, top_k: int, n_groups: int = 1, n_limited_gro
         _tensor("bias", bias, (torch.float32,), shape=(e,))
     _devices(logits=logits, bias=bias)
     _check_route(e, top_k, n_groups, n_limited_groups, score_func, bias is not None)
-    problem = _route.Problem(t, e, top_k, n_groups, n_limited_groups, score_func == "sigmoid", bias is not None)
+    problem = _route.Problem(t, e, top_k, n_groups, n_limited_groups, score_func == "sigmoid", bias is not None,
+                             -1 if renorm is None else int(bool(renorm)))
     cfg = _config(_route, config, problem, logits.device)
     weights = torch.empty((t, top_k), dtype=torch.float32, device=logits.device)
     ids = torch.empty((t, top_k), dtype=torch.int32, device=logits.device)
@@ -200,7 +203,7 @@ _FUSED_KEYS = ("layout", "align", "route", "permute", "gemm1", "gemm2", "shared_
 
 
 def fused_moe(x, gate_weight, gate_bias, w13, w13_scale, w2, w2_scale, *, top_k, n_groups, n_limited_groups,
-              score_func, route_scale, shared=None, config=None):
+              score_func, route_scale, renorm=None, shared=None, config=None):
     """DeepSeek-V3 MoE block: sum_j w_j * w2_e(silu(w1_e x) * w3_e x) over the routed experts, + shared MLP.
 
     x [T, D] (bf16 / fp16; fp32 too for fp8 weights). gate_weight [E, D], gate_bias None or [E] fp32; the gate
@@ -208,7 +211,7 @@ def fused_moe(x, gate_weight, gate_bias, w13, w13_scale, w2, w2_scale, *, top_k,
     w2 [E, D, I]: e4m3 with w13_scale [E, 2I/128, D/128] and w2_scale [E, D/128, I/128] fp32 (1x128 activation
     quantisation on the fly; D % 128 == 0 and I % 128 == 0), or x's dtype with both scales None.
     shared: None or {"w1": [Is, D], "w3": [Is, D], "w2": [D, Is]} (+ "w1_scale", "w3_scale", "w2_scale" for fp8),
-    the dense MLP w2(silu(w1 x) * w3 x), added in the combine.
+    the dense MLP w2(silu(w1 x) * w3 x), added in the combine. renorm: see moe_route.
     config: optional {"layout": "auto" | "contiguous" | "masked", "align": 128, "route": {...},
     "permute": {...}, "gemm1": {...}, "gemm2": {...}, "shared_gemm1": {...}, "shared_gemm2": {...}} (per-stem
     configs; the shared experts' GEMMs take gemm1 / gemm2's when their own are absent). "auto" takes the masked layout when
@@ -234,7 +237,7 @@ def fused_moe(x, gate_weight, gate_bias, w13, w13_scale, w2, w2_scale, *, top_k,
         kind = "masked" if e * t <= _perm.row_space(t * top_k, e, align) else "contiguous"
     logits = x.float() @ gate_weight.float().t()
     weights, ids = moe_route(logits, gate_bias, top_k=top_k, n_groups=n_groups, n_limited_groups=n_limited_groups,
-                             score_func=score_func, route_scale=route_scale, config=cfg.get("route"))
+                             score_func=score_func, route_scale=route_scale, renorm=renorm, config=cfg.get("route"))
     layout = moe_align(ids, e, layout=kind, align=align, max_m=t, config=cfg.get("permute"))
     a, sa, rw = moe_gather(x, layout, weights, quant=fp8, config=cfg.get("permute"))
     if kind == "masked":

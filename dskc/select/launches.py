@@ -74,8 +74,10 @@ def _moe(n: Node, t: int, ctx: Context) -> list:
     per_id = 1 if masked else MOE_ALIGN
     up_epi, h = ("swiglu_quant", "fp8") if fp8 else ("swiglu", kd)
     shared = dict(ctx.shared).get(n.name)
+    renorm = n.attr("renorm")
     out = [("route", moe_route.Problem(t, e, k, n.attr("n_groups"), n.attr("topk_groups"),
-                                        n.attr("score_func") == "sigmoid", bool(n.attr("gate_bias")))),
+                                        n.attr("score_func") == "sigmoid", bool(n.attr("gate_bias")),
+                                        -1 if renorm is None else int(renorm))),
            ("permute", moe_permute.Problem(t, e, k, dim, MOE_ALIGN, int(masked), int(fp8), kd, int(bool(shared)))),
            ("gemm1", grouped_gemm.Problem(e, rows, inter, dim, wd, layout, up_epi, per_id, h, stacked_up=1)),
            ("gemm2", grouped_gemm.Problem(e, rows, dim, inter, wd, layout, "weight", per_id, kd))]

@@ -6,7 +6,9 @@ Input: logits [T, E] fp32 (x @ W_gate^T) and an optional per-expert bias [E] fp3
   3. with N_GROUPS > 1: group score = sum of the top-2 `sel` in the group when a bias exists, else the group max;
      keep the N_LIMITED best groups, every expert of the other groups drops out;
   4. the TOP_K best `sel` among the kept experts, in descending order;
-  5. weights = scores (WITHOUT bias) at those experts; under sigmoid divided by their sum; times route_scale.
+  5. weights = scores (WITHOUT bias) at those experts; divided by their sum when RENORM (by default: under sigmoid,
+     as DeepSeek-V3's Gate; transformers' norm_topk_prob / Mixtral's softmax top-k renormalise too); times
+     route_scale.
 Output: weights [T, TOP_K] fp32 and expert ids [T, TOP_K] int32.
 
 Ties: every selection takes the LOWEST index among exactly equal values (expert index for experts, group index for
@@ -32,7 +34,8 @@ STEM = "moe_route"
 
 @dataclasses.dataclass(frozen=True)
 class Problem(ProblemBase):
-    """T tokens routed over E experts: top_k, group limits, sigmoid (1) or softmax (0) scores, a bias or not."""
+    """T tokens routed over E experts: top_k, group limits, sigmoid (1) or softmax (0) scores, a bias or not, and
+    whether the top-k weights are renormalised to sum 1 (renorm -1: as the score function implies, 1 for sigmoid)."""
     T: int
     E: int
     top_k: int
@@ -40,11 +43,13 @@ class Problem(ProblemBase):
     n_limited_groups: int = 1
     sigmoid: int = 0
     has_bias: int = 0
+    renorm: int = -1
     BUCKETS = {"T": "pow2"}
 
     def __post_init__(self):
         object.__setattr__(self, "sigmoid", int(bool(self.sigmoid)))
         object.__setattr__(self, "has_bias", int(bool(self.has_bias)))
+        object.__setattr__(self, "renorm", self.sigmoid if self.renorm in (-1, None) else int(bool(self.renorm)))
 
 SPACE = {
     "BLOCK_T": (1, 2, 4, 8, 16, 32),
@@ -89,7 +94,7 @@ def constexprs(problem, config: dict) -> dict:
     return {"E": p.E, "BLOCK_E": block_e(p.E), "N_GROUPS": p.n_groups, "N_LIMITED": p.n_limited_groups,
             "BLOCK_G": triton.next_power_of_2(p.n_groups), "TOP_K": p.top_k,
             "BLOCK_K": triton.next_power_of_2(p.top_k), "SIGMOID": p.sigmoid, "HAS_BIAS": p.has_bias,
-            "BLOCK_T": config["BLOCK_T"]}
+            "RENORM": p.renorm, "BLOCK_T": config["BLOCK_T"]}
 
 
 def bind(problem: Problem, config: dict) -> dict:
@@ -141,7 +146,7 @@ def _limit_groups(sel, cols, E: tl.constexpr, BLOCK_E: tl.constexpr, N_GROUPS: t
 def moe_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, T, route_scale,
                      E: tl.constexpr, BLOCK_E: tl.constexpr, N_GROUPS: tl.constexpr, N_LIMITED: tl.constexpr,
                      BLOCK_G: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, SIGMOID: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     rmask = rows < T
@@ -170,7 +175,7 @@ def moe_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, T, route_scale,
         wts = tl.where(kcols[None, :] == j, w[:, None], wts)
         ids = tl.where(kcols[None, :] == j, idx[:, None], ids)
         sel = tl.where(hit, float("-inf"), sel)
-    if SIGMOID:
+    if RENORM:
         wts = wts / tl.sum(wts, 1)[:, None]
     wts = wts * route_scale
     omask = rmask[:, None] & (kcols < TOP_K)[None, :]

@@ -55,6 +55,25 @@ def test_route_matches_gate(T, E, top_k, n_groups, n_limited, score_func, has_bi
     torch.testing.assert_close(w.cpu().double(), ref_w, atol=1e-5 * route_scale, rtol=1e-5)
 
 
+@pytest.mark.parametrize("score_func,renorm", [("softmax", True), ("sigmoid", False)])
+def test_route_renorm_overrides_the_score_functions_default(score_func, renorm):
+    """renorm=True (transformers' norm_topk_prob, Mixtral) renormalises softmax top-k weights; renorm=False keeps a
+    sigmoid router's raw scores (DeepSeek-V3 with norm_topk_prob=False). Ids never change."""
+    g = torch.Generator().manual_seed(11)
+    logits = (torch.randn(13, 16, generator=g) * 2).to(DEV)
+    bias = (torch.randn(16, generator=g) * 0.5).to(DEV) if score_func == "sigmoid" else None
+    kw = dict(top_k=4, n_groups=4, n_limited_groups=2, score_func=score_func, route_scale=1.5)
+    w, ids = moe.moe_route(logits, bias, renorm=renorm, **kw)
+    _, ref_ids = gate_reference(logits.cpu(), None if bias is None else bias.cpu(), 4, 4, 2, score_func, 1.5)
+    raw = logits.cpu().double()
+    raw = raw.sigmoid() if score_func == "sigmoid" else raw.softmax(-1)
+    ref_w = raw.gather(1, ref_ids)
+    if renorm:
+        ref_w = ref_w / ref_w.sum(-1, keepdim=True)
+    assert torch.equal(ids.cpu().long(), ref_ids)
+    torch.testing.assert_close(w.cpu().double(), ref_w * 1.5, atol=1e-5, rtol=1e-5)
+
+
 def test_route_groups_limit_choice():
     """With 4 groups and 1 kept, every token's experts come from one group, even when others hold good experts."""
     torch.manual_seed(1)
