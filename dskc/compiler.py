@@ -44,6 +44,7 @@ class Plan:
     capture: dict = dataclasses.field(default_factory=dict)   # how the regions were found (see plan's capture)
     libraries: dict = dataclasses.field(default_factory=dict)  # (stem, problem, config) -> NvccBuild (CUTLASS)
     specs: dict = dataclasses.field(default_factory=dict)      # CompileSpec -> KernelReport | CompileError
+    note: str = ""                    # what every lowered region shares (a float32 model computed in bf16)
 
 
 def _find(model: nn.Module, capture: str, example_inputs) -> tuple[Graph, dict]:
@@ -68,24 +69,35 @@ def _find(model: nn.Module, capture: str, example_inputs) -> tuple[Graph, dict]:
                    "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _act_dtype(model: nn.Module) -> str:
-    """The model's activation dtype name: its `dtype` (dskc's Transformer) or its first floating parameter's."""
+_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_DTYPES = {v: k for k, v in _NAMES.items()}
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The model's activation dtype: its `dtype` (dskc's Transformer, transformers' models), else its first floating
+    (non-FP8) parameter's."""
     dt = getattr(model, "dtype", None)
     if not isinstance(dt, torch.dtype):
         dt = next((p.dtype for p in model.parameters() if p.is_floating_point() and p.element_size() > 1),
                   torch.bfloat16)
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dt, "bf16")
+    return dt
 
 
-def _context(model: nn.Module, graph: Graph, runs_on: str) -> Context:
+def compute_dtype(model: nn.Module, options: Options) -> torch.dtype:
+    """What the kernels compute in: the model's dtype, or Options.compute_dtype for a float32 model."""
+    dt = model_dtype(model)
+    return _DTYPES[options.compute_dtype] if dt == torch.float32 and options.compute_dtype else dt
+
+
+def _act_dtype(model: nn.Module, options: Options = Options()) -> str:
+    return _NAMES.get(compute_dtype(model, options), "bf16")
+
+
+def _context(model: nn.Module, graph: Graph, runs_on: str, options: Options = Options()) -> Context:
     """What selection needs to know of the model beyond the IR: dtype, cache capacity, shared experts' widths."""
     args = getattr(model, "args", None)
-    shared = []
-    for n in graph.by_op(Op.MOE):
-        se = getattr(model.get_submodule(n.name), "shared_experts", None)
-        if se is not None:
-            shared.append((n.name, se.w1.weight.shape[0]))
-    return Context(_act_dtype(model), runs_on, getattr(args, "max_seq_len", 4096), tuple(shared))
+    shared = tuple((n.name, n.attr("shared_inter")) for n in graph.by_op(Op.MOE) if n.attr("shared_inter"))
+    return Context(_act_dtype(model, options), runs_on, getattr(args, "max_seq_len", 4096), shared)
 
 
 def default_tokens(model: nn.Module) -> tuple:
@@ -125,7 +137,7 @@ def plan(model: nn.Module, target="sm90a", options: Options = Options(), m_hint:
     buckets = tuple(sorted({pow2(t) for t in tokens}))
     if not buckets or buckets[0] < 1:
         raise ValueError(f"tokens must be positive counts, got {tokens}")
-    ctx = _context(model, graph, runs_on)
+    ctx = _context(model, graph, runs_on, options)
     choices, fallbacks = [], []
     for node in graph.nodes:
         if node.op is Op.FALLBACK:
@@ -137,7 +149,9 @@ def plan(model: nn.Module, target="sm90a", options: Options = Options(), m_hint:
             choices.extend(choose(node, arch, buckets, runs_on, ctx))
         except ConfigError as exc:   # a config breaking its kernel's constraints never reaches a launch
             fallbacks.append((node.name, str(exc)))
-    return Plan(arch, graph, dumps, choices, fallbacks, buckets, capture=how)
+    note = (f"float32 model: regions computed in {options.compute_dtype} (Options.compute_dtype)"
+            if model_dtype(model) == torch.float32 and options.compute_dtype else "")
+    return Plan(arch, graph, dumps, choices, fallbacks, buckets, capture=how, note=note)
 
 
 def build(p: Plan, progress: bool = True) -> Plan:
@@ -218,23 +232,30 @@ def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def _kernel_module(node, src: nn.Module, model: nn.Module, options: Options, cutlass=None, table=None):
-    """The kernel module of a region; `table` (dskc.runtime.table.ConfigTable) holds the configs it launches."""
+    """The kernel module of a region, its weights laid out by the region's family (dskc.capture.layouts) in the
+    kernels' dtype; `table` (dskc.runtime.table.ConfigTable) holds the configs it launches."""
+    from dskc.capture import layouts
+    from dskc.capture.families import classify
     from dskc.runtime.block import KernelBlock
+    from dskc.runtime.foreign import KernelLatentAttention
     from dskc.runtime.mla import KernelMLA
-    from dskc.runtime.modules import KernelLinear, KernelMLP, KernelMoE
+    from dskc.runtime.modules import KernelLinear, KernelMLP, KernelMoE, dot_dtype
 
+    kd, quantize = dot_dtype(compute_dtype(model, options)), node.attr("quantized") == "ahead"
     if node.op in (Op.LINEAR, Op.FP8_LINEAR):
-        return KernelLinear(src, node, quantize=node.attr("quantized") == "ahead", cutlass=cutlass, table=table)
-    if node.op is Op.MLP:
-        return KernelMLP(src, node, table)
-    if node.op is Op.MOE:
-        return KernelMoE(src, node, table)
-    if node.op is Op.MLA:
-        args = getattr(model, "args", None)
-        return KernelMLA(src, node, getattr(args, "max_batch_size", 8), getattr(args, "max_seq_len", 4096), table)
+        return KernelLinear(layouts.linear(src, quantize, kd), node, cutlass=cutlass, table=table)
     if node.op is Op.BLOCK:   # wraps its parts, already kernel modules; a block with nothing fused stays as it is
         return KernelBlock(src, node, table) if node.attr("attn_norm") or node.attr("ffn_norm") else None
-    return None
+    if node.op is Op.MLA and node.attr("rope_layout") in (None, "dskc"):
+        args = getattr(model, "args", None)
+        return KernelMLA(src, node, getattr(args, "max_batch_size", 8), getattr(args, "max_seq_len", 4096), table)
+    if node.op not in (Op.MLP, Op.MOE, Op.MLA):
+        return None
+    _, spec = classify(src)
+    bundle = layouts.layout(src, spec, quantize, kd)
+    if node.op is Op.MLA:
+        return KernelLatentAttention(src, node, spec, bundle, table)
+    return (KernelMLP if node.op is Op.MLP else KernelMoE)(bundle, node, table)
 
 
 def tables(p: Plan) -> dict:
@@ -260,6 +281,17 @@ class CompiledModel(nn.Module):
     def explain(self) -> str:
         from dskc.explain import render
         return render(self.plan)
+
+    def regions(self) -> list:
+        """One dskc.explain.RegionRecord per recognised region: kind, module path, family, lowered or not, the
+        kernels it launches, and the reason when it stays eager."""
+        from dskc.explain import plan_regions
+        return plan_regions(self.plan)
+
+    def report(self) -> str:
+        """regions() as a table."""
+        from dskc.explain import region_table
+        return region_table(self.regions())
 
 
 def _attach_decode_graphs(module: nn.Module) -> None:
@@ -287,17 +319,24 @@ def _attach_decode_graphs(module: nn.Module) -> None:
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)   # activation dtypes the generated kernels take
 
 
-def _check_dtype(model: nn.Module) -> None:
-    """Refuse a model computing in a dtype no kernel takes (float32, float64) here, not at its first forward."""
+def _check_dtype(model: nn.Module, options: Options = Options()) -> None:
+    """Refuse a model computing in a dtype no kernel takes (float32, float64) here, not at its first forward, unless
+    Options(compute_dtype=...) asks for a float32 model's regions in bf16 / fp16 (the torch.compile backend leaves
+    such regions on Inductor with the same reason unless its compute_dtype option asks)."""
+    if options.compute_dtype not in (None, "bf16", "fp16"):
+        raise ValueError(f"Options.compute_dtype must be None, 'bf16' or 'fp16', got {options.compute_dtype!r}")
     dtype = getattr(model, "dtype", None)
     if not isinstance(dtype, torch.dtype):   # a plain nn.Module: its float (non-FP8) matrices' dtype
         kinds = {p.dtype for p in model.parameters() if p.dim() >= 2 and p.is_floating_point() and p.itemsize > 1}
         dtype = kinds.pop() if len(kinds) == 1 else None
-    if dtype is not None and dtype not in KERNEL_DTYPES:
-        raise ValueError(f"dskc.compile: the model computes in {dtype}, which no dskc kernel takes (they take "
-                         f"bfloat16 or float16 activations); build it in one of those, e.g. "
-                         f"Transformer(args, dtype=torch.bfloat16) or dskc.model.from_pretrained(path, "
-                         f"dtype=torch.bfloat16), and compile that")
+    if dtype is None or dtype in KERNEL_DTYPES or (dtype == torch.float32 and options.compute_dtype):
+        return
+    raise ValueError(f"dskc.compile: the model computes in {dtype}, which no dskc kernel takes (they take "
+                     f"bfloat16 or float16 activations); build it in one of those, e.g. "
+                     f"Transformer(args, dtype=torch.bfloat16) or dskc.model.from_pretrained(path, "
+                     f"dtype=torch.bfloat16), and compile that"
+                     + ("; or ask for its regions in bf16 with Options(compute_dtype='bf16') (the float32 parts "
+                        "around them stay float32)" if dtype == torch.float32 else ""))
 
 
 def compile(model: nn.Module, target="auto", *, options: Options = Options(), build_kernels: bool = True,
@@ -307,8 +346,11 @@ def compile(model: nn.Module, target="auto", *, options: Options = Options(), bu
 
     Without a GPU, target "auto" means sm90a for the build, and the generated kernels run through Triton's
     interpreter on the CPU (set TRITON_INTERPRET=1 before importing dskc). The original model is not modified
-    unless inplace=True. Regions dskc cannot serve stay eager and are listed with the reason in `explain()`. A model
-    computing in a dtype no kernel takes (float32 today) is refused here with a ValueError naming the fix.
+    unless inplace=True. Regions dskc cannot serve stay eager and are listed with the reason in `explain()` and
+    `regions()` / `report()`. Models dskc did not write (transformers' DeepSeek-V2/V3, Qwen2/3-MoE, Mixtral, SwiGLU
+    MLPs, ...) are recognised through the family table (dskc.capture.families) and keep their call signatures. A
+    model computing in a dtype no kernel takes (float32 today) is refused here with a ValueError naming the fix,
+    unless options=Options(compute_dtype="bf16") asks for a float32 model's regions in bf16.
     cuda_graphs: on a GPU, replay decode steps (one token per sequence) from CUDA graphs, one per batch size.
     capture / example_inputs: how regions are found, "module" (structure) or "dynamo" (FX graphs); see `plan`.
     tokens: the token counts whose buckets get a config table (see `plan`); each region's module launches the
@@ -316,7 +358,7 @@ def compile(model: nn.Module, target="auto", *, options: Options = Options(), bu
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dskc.compile takes an nn.Module, got {type(model).__name__}")
-    _check_dtype(model)
+    _check_dtype(model, options)
     if not torch.cuda.is_available():
         if not knobs.get().triton_interpret:
             raise RuntimeError("no CUDA GPU here: to run generated kernels on the CPU set TRITON_INTERPRET=1 before "

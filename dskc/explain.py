@@ -1,8 +1,61 @@
-"""`dskc explain`: the IR after each pass, the region -> kernel table, what runs per token-count bucket, and every
-fallback with its reason."""
+"""`dskc explain`: the IR after each pass, the region -> kernel table, what runs per token-count bucket, every
+fallback with its reason, and the region report both doors share (RegionRecord: dskc.compile's `regions()` and the
+torch.compile backend's)."""
 from __future__ import annotations
 
+import dataclasses
 import re
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionRecord:
+    """One recognised region: what it is, where, which family row read it, and what became of it."""
+    kind: str            # "moe" | "mlp" | "mla" | "linear" | "fp8_linear" | "block"
+    path: str            # module path ("model.layers.1.mlp")
+    family: str          # the family table's row ("transformers.deepseek_v3.moe", "dskc.mla", "linear", ...)
+    lowered: bool
+    kernels: tuple = ()  # the stems it launches (sorted)
+    reason: str = ""     # why not, when not lowered; a note otherwise ("absorbed into ...", "computed in bf16")
+
+
+def region_table(records) -> str:
+    """Records as an aligned table, then a count line."""
+    if not records:
+        return "no region recognised"
+    rows = [("kind", "region", "family", "lowered", "kernels", "reason / note")]
+    for r in records:
+        rows.append((r.kind, r.path, r.family, "yes" if r.lowered else "no", ",".join(r.kernels) or "-", r.reason))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
+    done = sum(r.lowered for r in records)
+    lines.append(f"{done} of {len(records)} regions lowered")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def plan_regions(plan) -> list[RegionRecord]:
+    """The records of a dskc.compile plan: every node but RMSNorms and unfused blocks (which are no kernels of
+    their own), with its stems from the plan's choices (a node fused into another lists that one's)."""
+    stems, failed = {}, {}
+    for c in plan.choices:
+        stems.setdefault(c.region, set()).add(c.stem)
+    for region, why in plan.fallbacks:
+        failed.setdefault(region, why)
+    out = []
+    for n in plan.graph.nodes:
+        kind = n.attr("kind") or n.op.value
+        if kind == "rmsnorm" or (kind == "block" and not (n.attr("attn_norm") or n.attr("ffn_norm"))):
+            continue
+        why = failed.get(n.name) or n.attr("reason") or ""
+        note = (f"absorbed into {n.attr('absorbed_into')}" if n.attr("absorbed_into") else
+                f"runs in {n.attr('fused_into')}'s kernels" if n.attr("fused_into") else "")
+        if n.attr("quantized") == "ahead":
+            note = "FP8 weights quantised at compile time" + (f"; {note}" if note else "")
+        if getattr(plan, "note", ""):
+            note = "; ".join(x for x in (note, plan.note) if x)
+        lowered = not why and n.op.value != "fallback"
+        out.append(RegionRecord(kind, n.name, n.attr("family") or "-", lowered,
+                                tuple(sorted(stems.get(n.attr("fused_into") or n.name, ()))), why or note))
+    return out
 
 
 def _fmt(pairs) -> str:
@@ -108,4 +161,5 @@ def render(plan, passes: bool = True) -> str:
     out.append("== configs per token-count bucket (what each module launches for that many rows)\n" +
                bucket_table(plan))
     out.append("== fallbacks\n" + ("\n".join(f"{r}: {why}" for r, why in plan.fallbacks) or "none"))
+    out.append("== regions (family table)\n" + region_table(plan_regions(plan)))
     return "\n\n".join(out)

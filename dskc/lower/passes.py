@@ -14,6 +14,8 @@ class Options:
     quantize_weights: bool = False   # quantise bf16 linear weights to FP8 128x128 blocks ahead of time
     absorb_mla: bool = True          # rewrite naive MLA to the absorbed form (precomputed absorbed weights)
     fuse_block_norms: bool = True    # fuse a block's attn_norm / ffn_norm (+ residual add) into the FP8 act_quant
+    compute_dtype: str | None = None  # "bf16" | "fp16": run a float32 model's regions in that dtype (no kernel
+                                      # computes in float32); None refuses a float32 model
 
 
 def absorb_mla(g: Graph, opt: Options) -> Graph:
@@ -28,14 +30,26 @@ def absorb_mla(g: Graph, opt: Options) -> Graph:
     return g
 
 
+def _whole_blocks(*dims) -> bool:
+    return all(isinstance(d, int) and d % 128 == 0 for d in dims)
+
+
 def quantize_weights(g: Graph, opt: Options) -> Graph:
-    """Optionally turn bf16 linears whose input width is whole 128-blocks into FP8 linears (weights quantised once;
-    the output width may end in a partial block)."""
+    """Optionally quantise float weights to FP8 128x128 blocks once, at compile time (DeepSeek's recipe): linears
+    whose input width is whole 128-blocks (the output width may end in a partial block), and dense MLPs and MoE
+    blocks (routed and shared experts) whose widths are all whole blocks (their SwiGLU epilogue quantises 1x128)."""
     if not opt.quantize_weights:
         return g
-    for n in g.by_op(Op.LINEAR):
-        if isinstance(n.shape[1], int) and n.shape[1] % 128 == 0:
-            g = g.replace(n, dataclasses.replace(n, op=Op.FP8_LINEAR, dtype="fp8").with_attrs(quantized="ahead"))
+    for n in g.by_op(Op.LINEAR, Op.MLP, Op.MOE):
+        if n.op is Op.LINEAR:
+            ok = _whole_blocks(n.shape[1])
+        elif n.op is Op.MLP:
+            ok = n.dtype != "fp8" and _whole_blocks(*n.shape)
+        else:
+            ok = n.dtype != "fp8" and _whole_blocks(n.shape[1], n.shape[2], n.attr("shared_inter") or 128)
+        if ok:
+            op = Op.FP8_LINEAR if n.op is Op.LINEAR else n.op
+            g = g.replace(n, dataclasses.replace(n, op=op, dtype="fp8").with_attrs(quantized="ahead"))
     return g
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from dskc import knobs, ops
 from dskc.runtime.table import config as _cfg
+from dskc.runtime.weights import Dense, MLPWeights, MoEWeights
 
 log = logging.getLogger("dskc.runtime")
 _WARNED: set = set()
@@ -42,13 +43,15 @@ def _dense(m) -> torch.Tensor:
 class KernelLinear(nn.Module):
     """y = x W^T through `fp8_gemm_1d2d` (x quantised per token per 128 by `act_quant`) or `bf16_gemm`.
 
+    src: the linear module (or a dskc.runtime.weights.Dense): its `weight`, `scale` (FP8 block scales, or None) and
+    `compute_dtype` (the output dtype; default: x's).
     cutlass: a successful CUTLASS build (dskc.templates.cutlass.build) of sm90_fp8_gemm_1d2d / sm90_bf16_gemm that
     replaces the Triton GEMM (selection picks one only on a measured win, and never for the CPU runtime); it is
     launched through dskc.runtime.cutlass on CUDA tensors (CPU inputs raise ValueError there).
     table: the region's ConfigTable (slots "quant", "gemm"); None: the ops choose.
     """
 
-    def __init__(self, src: nn.Module, node, quantize: bool = False, cutlass=None, table=None):
+    def __init__(self, src, node, quantize: bool = False, cutlass=None, table=None):
         super().__init__()
         self.node, self.out_dtype, self.table = node, getattr(src, "compute_dtype", None), table
         w, scale = src.weight, getattr(src, "scale", None)
@@ -92,90 +95,123 @@ class KernelLinear(nn.Module):
         return self.cutlass(x2.to(torch.bfloat16).contiguous(), self.weight)
 
 
-class KernelMLP(nn.Module):
-    """w2(silu(w1 x) * w3 x): one GEMM over the stacked [w1; w3], SwiGLU (+ FP8 quant) epilogue, then w2."""
+def mlp_forward(x2: torch.Tensor, w: MLPWeights, out_dtype: torch.dtype, table=None) -> torch.Tensor:
+    """w2(silu(w1 x) * w3 x) on x2 [M, dim]: one GEMM over the stacked [w1; w3], then w2 (FP8: x quantised 1x128,
+    SwiGLU + quant in one kernel between the GEMMs). `table`: the config table seen with slots "quant", "up",
+    "act", "down" (None: the ops choose). Returns [M, dim] in out_dtype."""
+    t = x2.shape[0]
+    if w.fp8:
+        q, s = ops.act_quant(x2.contiguous(), config=_cfg(table, "quant", t))
+        return mlp_from_quantized(q, s, w, out_dtype, table)
+    kd, i = w.up.weight.dtype, w.inter
+    h = ops.bf16_gemm(x2.to(kd).contiguous(), w.up.weight, config=_cfg(table, "up", t)).to(out_dtype)
+    a = (F.silu(h[:, :i]) * h[:, i:]).to(kd).contiguous()
+    return ops.bf16_gemm(a, w.down.weight, config=_cfg(table, "down", t)).to(out_dtype)
 
-    def __init__(self, src: nn.Module, node, table=None):
+
+def mlp_from_quantized(q, s, w: MLPWeights, out_dtype: torch.dtype, table=None) -> torch.Tensor:
+    """The FP8 MLP from its input already quantised 1x128 (q [M, dim] e4m3, s [M, dim/128] fp32): [w1|w3] GEMM,
+    SwiGLU + quant, w2 GEMM -> [M, dim] of out_dtype."""
+    t = q.shape[0]
+    h = ops.fp8_gemm(q, s, w.up.weight, w.up.scale, out_dtype=out_dtype, config=_cfg(table, "up", t))
+    q2, s2 = ops.silu_mul_act_quant(h, config=_cfg(table, "act", t))
+    return ops.fp8_gemm(q2, s2, w.down.weight, w.down.scale, out_dtype=out_dtype, config=_cfg(table, "down", t))
+
+
+def _register(module: nn.Module, prefix: str, d: Dense) -> None:
+    module.register_buffer(f"{prefix}_weight", d.weight, persistent=False)
+    module.register_buffer(f"{prefix}_scale", d.scale, persistent=False)
+
+
+class KernelMLP(nn.Module):
+    """w2(silu(w1 x) * w3 x) on a neutral weight bundle (dskc.runtime.weights.MLPWeights, laid out by the region's
+    family): one GEMM over the stacked [w1; w3], SwiGLU (+ FP8 quant) epilogue, then w2."""
+
+    def __init__(self, weights: MLPWeights, node, table=None):
         super().__init__()
-        self.node, self.table = node, table
-        self.inter = src.w1.weight.shape[0]
-        self.fp8 = getattr(src.w1, "scale", None) is not None
-        if self.fp8 and self.inter % 128:
-            raise ValueError(f"{node.name}: FP8 MLP width {self.inter} is not a multiple of 128")
-        part = (lambda slot: None) if table is None else (lambda slot: table.view({"gemm": slot}))
-        self.up = KernelLinear(src.w1, node, table=part("up"))
-        self.up.weight = torch.cat([self.up.weight, KernelLinear(src.w3, node).weight]).contiguous()
-        if self.fp8:
-            self.up.scale = torch.cat([src.w1.scale, src.w3.scale]).float().contiguous()
-        self.down = KernelLinear(src.w2, node, table=part("down"))
+        self.node, self.table, self.inter, self.fp8 = node, table, weights.inter, weights.fp8
+        _register(self, "up", weights.up)
+        _register(self, "down", weights.down)
+
+    def weights(self) -> MLPWeights:
+        return MLPWeights(Dense(self.up_weight, self.up_scale), Dense(self.down_weight, self.down_scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if self.fp8:
-            x2 = x.reshape(-1, shape[-1]).contiguous()
-            q, s = ops.act_quant(x2, config=_cfg(self.table, "quant", x2.shape[0]))
-            return self.from_quantized(q, s, x.dtype).view(shape)
-        h = self.up(x.reshape(-1, shape[-1]))
-        return self.down(F.silu(h[:, :self.inter]) * h[:, self.inter:]).view(shape)
+        return mlp_forward(x.reshape(-1, shape[-1]), self.weights(), x.dtype, self.table).view(shape)
 
     def from_quantized(self, q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """The FP8 MLP from its input already quantised 1x128 (q [M, dim] e4m3, s [M, dim/128] fp32), e.g. by a
-        fused norm (dskc.runtime.block): [w1|w3] GEMM, SwiGLU + quant, w2 GEMM -> [M, dim] of out_dtype."""
+        """The FP8 MLP from its input already quantised 1x128, e.g. by a fused norm (dskc.runtime.block)."""
         if not self.fp8:
             raise ValueError(f"{self.node.name}: from_quantized needs an FP8 MLP")
-        t, tab = q.shape[0], self.table
-        h = ops.fp8_gemm(q, s, self.up.weight, self.up.scale, out_dtype=self.up.out_dtype or out_dtype,
-                         config=_cfg(tab, "up", t))
-        q2, s2 = ops.silu_mul_act_quant(h, config=_cfg(tab, "act", t))
-        return ops.fp8_gemm(q2, s2, self.down.weight, self.down.scale, out_dtype=out_dtype,
-                            config=_cfg(tab, "down", t))
+        return mlp_from_quantized(q, s, self.weights(), out_dtype, self.table)
+
+
+def route_of(node) -> dict:
+    """fused_moe's routing keywords from a MoE node's attributes."""
+    return dict(top_k=node.attr("top_k"), n_groups=node.attr("n_groups"), n_limited_groups=node.attr("topk_groups"),
+                score_func=node.attr("score_func"), route_scale=float(node.attr("route_scale")),
+                renorm=node.attr("renorm"))
+
+
+def _shared_dict(w: MLPWeights) -> dict:
+    """fused_moe's `shared` from the stacked bundle (views: w1 / w3 are the halves of [w1; w3])."""
+    i = w.inter
+    out = {"w1": w.up.weight[:i], "w3": w.up.weight[i:], "w2": w.down.weight}
+    if w.fp8:
+        out.update(w1_scale=w.up.scale[:i // 128], w3_scale=w.up.scale[i // 128:], w2_scale=w.down.scale)
+    return out
+
+
+SHARED_SLOTS = {"quant": "shared_quant", "up": "shared_up", "act": "shared_act", "down": "shared_down"}
+
+
+def moe_forward(x2: torch.Tensor, w: MoEWeights, route: dict, config: dict | None = None,
+                shared_table=None) -> torch.Tensor:
+    """The MoE block on x2 [T, dim] through `dskc.ops.fused_moe` (routing, permutation, grouped GEMMs with SwiGLU
+    and routed-weight epilogues, combine, shared experts in the combine). A gated shared expert (Qwen2-MoE:
+    sigmoid(x g^T) * shared(x)) runs as an MLP beside it. Returns [T, dim] in x2's dtype."""
+    xk = x2 if w.fp8 else x2.to(w.w13.dtype)
+    inline = w.shared is not None and w.shared_gate is None
+    y = ops.fused_moe(xk.contiguous(), w.gate, w.gate_bias, w.w13, w.w13_scale, w.w2, w.w2_scale,
+                      shared=_shared_dict(w.shared) if inline else None, config=config, **route)
+    if w.shared_gate is not None:
+        g = torch.sigmoid(x2.float() @ w.shared_gate.float().t())
+        y = y.float() + g * mlp_forward(x2, w.shared, torch.float32, shared_table)
+    return y.to(x2.dtype)
 
 
 class KernelMoE(nn.Module):
-    """The MoE block as `dskc.ops.fused_moe`: routing, permutation, grouped GEMMs with SwiGLU and routed-weight
-    epilogues, combine, shared experts. Expert weights are stacked once here."""
+    """The MoE block as `dskc.ops.fused_moe` on a neutral weight bundle (dskc.runtime.weights.MoEWeights: experts
+    stacked once by the region's family layout); routing from the node (top_k, groups, score function, scale,
+    renormalisation)."""
 
-    def __init__(self, src: nn.Module, node, table=None):
+    def __init__(self, weights: MoEWeights, node, table=None):
         super().__init__()
-        self.node, g, self.table = node, src.gate, table
-        experts = list(src.experts)
-        if any(e is None for e in experts):
-            raise ValueError(f"{node.name}: dskc.compile needs all routed experts on this rank (world size 1)")
-        self.fp8 = getattr(experts[0].w1, "scale", None) is not None
-        wd = (lambda t: t) if self.fp8 else (lambda t: t.to(dot_dtype(t.dtype)))
-        self.register_buffer("w13", wd(torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in experts])),
-                             persistent=False)
-        self.register_buffer("w2", wd(torch.stack([e.w2.weight for e in experts])), persistent=False)
-        if self.fp8:
-            self.register_buffer("w13_scale", torch.stack([torch.cat([e.w1.scale, e.w3.scale]) for e in experts]),
-                                 persistent=False)
-            self.register_buffer("w2_scale", torch.stack([e.w2.scale for e in experts]), persistent=False)
-        else:
-            self.w13_scale = self.w2_scale = None
-        self.register_buffer("gate_weight", g.weight.detach().float(), persistent=False)
-        self.gate_bias = None if g.bias is None else g.bias.detach().float()
-        self.route = dict(top_k=g.topk, n_groups=g.n_groups, n_limited_groups=g.topk_groups,
-                          score_func=g.score_func, route_scale=float(g.route_scale))
-        self.shared = None
-        if src.shared_experts is not None:
-            se = src.shared_experts
-            self.shared = {k: wd(getattr(se, k).weight) for k in ("w1", "w2", "w3")}
-            if self.fp8:
-                self.shared.update({f"{k}_scale": getattr(se, k).scale.float() for k in ("w1", "w2", "w3")})
-        self.dim = src.dim
+        self.node, self.table, self.fp8 = node, table, weights.fp8
+        for name in ("w13", "w13_scale", "w2", "w2_scale", "gate_bias", "shared_gate"):
+            self.register_buffer(name, getattr(weights, name), persistent=False)
+        self.register_buffer("gate_weight", weights.gate, persistent=False)
+        self.route = route_of(node)
+        self.shared_mlp = None if weights.shared is None else KernelMLP(
+            weights.shared, node, None if table is None else table.view(SHARED_SLOTS))
+        self.dim = weights.w13.shape[2]
+
+    def weights(self) -> MoEWeights:
+        return MoEWeights(self.gate_weight, self.gate_bias, self.w13, self.w13_scale, self.w2, self.w2_scale,
+                          None if self.shared_mlp is None else self.shared_mlp.weights(), self.shared_gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.dim)
-        xk = x2 if self.fp8 else x2.to(self.w13.dtype)
-        y = ops.fused_moe(xk.contiguous(), self.gate_weight, self.gate_bias, self.w13, self.w13_scale, self.w2,
-                          self.w2_scale, shared=self.shared, config=self._configs(x2.shape[0]), **self.route)
-        return y.to(x.dtype).view(shape)
+        shared_table = None if self.shared_mlp is None else self.shared_mlp.table
+        return moe_forward(x2, self.weights(), self.route, self._configs(x2.shape[0]), shared_table).view(shape)
 
     def _configs(self, t: int) -> dict | None:
         """fused_moe's config for t tokens from the region's table: the layout and every stem's config."""
         if self.table is None:
             return None
-        slots = ("route", "permute", "gemm1", "gemm2") + (("shared_gemm1", "shared_gemm2") if self.shared else ())
+        inline = self.shared_mlp is not None and self.shared_gate is None
+        slots = ("route", "permute", "gemm1", "gemm2") + (("shared_gemm1", "shared_gemm2") if inline else ())
         return {"layout": self.table.problem("gemm1", t)["layout"],
                 **{slot: self.table.config(slot, t) for slot in slots}}

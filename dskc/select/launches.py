@@ -73,15 +73,19 @@ def _moe(n: Node, t: int, ctx: Context) -> list:
     rows = e * t if masked else moe_permute.row_space(t * k, e, MOE_ALIGN)
     per_id = 1 if masked else MOE_ALIGN
     up_epi, h = ("swiglu_quant", "fp8") if fp8 else ("swiglu", kd)
-    shared = dict(ctx.shared).get(n.name)
+    shared = n.attr("shared_inter") or dict(ctx.shared).get(n.name)
     renorm = n.attr("renorm")
     out = [("route", moe_route.Problem(t, e, k, n.attr("n_groups"), n.attr("topk_groups"),
                                         n.attr("score_func") == "sigmoid", bool(n.attr("gate_bias")),
                                         -1 if renorm is None else int(renorm))),
-           ("permute", moe_permute.Problem(t, e, k, dim, MOE_ALIGN, int(masked), int(fp8), kd, int(bool(shared)))),
+           ("permute", moe_permute.Problem(t, e, k, dim, MOE_ALIGN, int(masked), int(fp8), kd,
+                                            int(bool(shared) and not n.attr("shared_gate")))),
            ("gemm1", grouped_gemm.Problem(e, rows, inter, dim, wd, layout, up_epi, per_id, h, stacked_up=1)),
            ("gemm2", grouped_gemm.Problem(e, rows, dim, inter, wd, layout, "weight", per_id, kd))]
-    if shared:
+    if shared and n.attr("shared_gate"):   # behind a sigmoid gate (Qwen2-MoE): an MLP of its own beside the combine
+        mlp = Node(n.name, Op.MLP, (shared, dim), n.dtype)
+        out += [(f"shared_{slot}", p) for slot, p in _mlp(mlp, t, ctx)]
+    elif shared:
         out += [("shared_gemm1", grouped_gemm.Problem(1, t, shared, dim, wd, "contiguous", up_epi, 1, h)),
                 ("shared_gemm2", grouped_gemm.Problem(1, t, dim, shared, wd, "contiguous", "none", 1, kd))]
     return out
@@ -104,8 +108,9 @@ def _mla(n: Node, t: int, ctx: Context) -> list:
     of t tokens), over a cache of the model's max_seq_len positions in pages of MLA_PAGE."""
     h, kd = n.attr("heads"), ctx.dot
     cap = -(-ctx.max_seq // MLA_PAGE) * MLA_PAGE
-    out = [("rope", mla_rope.Problem(t, h, 0, kd, 1)),
-           ("decode", mla_decode.Problem(t, 1, h, cap, MLA_PAGE, 0, kd, 0))]
+    foreign = n.attr("rope_layout") not in (None, "dskc")   # transformers' MLA: RoPE and norm stay in PyTorch
+    out = ([] if foreign else [("rope", mla_rope.Problem(t, h, 0, kd, 1))]) + \
+        [("decode", mla_decode.Problem(t, 1, h, cap, MLA_PAGE, 0, kd, 0))]
     if t > 1:
         out.append(("prefill", mla_decode.Problem(1, t, h, cap, MLA_PAGE, 0, kd, 1)))
     return out
