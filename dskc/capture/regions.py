@@ -45,6 +45,15 @@ def node_of(path: str, family, spec) -> Node:
     raise TypeError(f"{path}: no IR node for {type(spec).__name__}")
 
 
+def covered_children(family, spec, m: nn.Module) -> list[str]:
+    """The children of region `m` that are never regions of their own: those its row folds in, and every child of
+    a MoE or MLP it cannot serve (never half-lowered: they stay eager with it). An attention's projections are
+    regions of their own either way."""
+    if isinstance(spec, Unservable) and family.kind in (Op.MOE, Op.MLP):
+        return [c for c, _ in m.named_children()]
+    return list(family.covers)
+
+
 def walk(model: nn.Module):
     """(path, module, row, spec or Unservable) of every region, in definition order."""
     covered = []
@@ -55,15 +64,10 @@ def walk(model: nn.Module):
         if got is None:
             continue
         family, spec = got
-        bad = isinstance(spec, Unservable)
-        if bad and family.kind is Op.BLOCK:   # a block is only where its parts' work fuses: its parts go on
-            continue
+        if isinstance(spec, Unservable) and family.kind is Op.BLOCK:   # a block is only where its parts' work
+            continue                                                     # fuses: its parts go on as they are
         yield name, m, family, spec
-        prefix = f"{name}." if name else ""
-        if bad and family.kind in (Op.MOE, Op.MLP):   # never half-lowered: its children stay eager with it
-            covered.extend(f"{prefix}{c}" for c, _ in m.named_children())
-        else:   # (an attention's projections are regions of their own either way)
-            covered.extend(f"{prefix}{c}" for c in family.covers)
+        covered.extend(f"{name}.{c}" if name else c for c in covered_children(family, spec, m))
 
 
 def find_regions(model: nn.Module) -> Graph:
