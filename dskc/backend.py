@@ -37,7 +37,6 @@ _LINEARS = (F.linear, torch._C._nn.linear)
 _KNOWN_LEFT = {F.scaled_dot_product_attention: "standard attention (SDPA): no dskc kernel; Inductor's",
                torch.where: "data-dependent routing (torch.where) in a loop over experts: left to Inductor"}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_KERNELS = {Op.MOE: ("moe_route", "moe_permute", "grouped_gemm"), Op.MLA: ("mla_decode",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +141,8 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
     return va is not None and vb is not None and [str(d) for d in va.shape] == [str(d) for d in vb.shape]
 
 
-def _lower_ffn(low: _Lowering, r: fxr.FxRegion, node, kd: torch.dtype) -> tuple:
-    """A MoE or MLP region -> dskc::moe / dskc::mlp on its one activation; returns the stems."""
+def _lower_ffn(low: _Lowering, r: fxr.FxRegion, node, kd: torch.dtype) -> None:
+    """A MoE or MLP region -> dskc::moe / dskc::mlp on its one activation."""
     x, out = _activation(low, r), _single_output(r)
     if not _same_shape(x, out):
         raise RegionError("the region's output is not shaped like its input")
@@ -161,11 +160,6 @@ def _lower_ffn(low: _Lowering, r: fxr.FxRegion, node, kd: torch.dtype) -> tuple:
                      float(node.attr("route_scale")), bool(node.attr("renorm")))
             new = low.gm.graph.call_function(torch.ops.dskc.moe.default, tuple([x] + _weights_args(low, ts)) + route)
     _swap(low, r, out, new)
-    fp8 = w.fp8
-    if node.op is Op.MLP:
-        return ("act_quant", "fp8_gemm_1d2d") if fp8 else ("bf16_gemm",)
-    extra = ("bf16_gemm",) if w.shared_gate is not None and not fp8 else ()
-    return _KERNELS[Op.MOE] + extra + (("act_quant",) if fp8 else ())
 
 
 def _swap(low, r, out, new) -> None:
@@ -195,7 +189,7 @@ def _rope_key(r: fxr.FxRegion, key_states: fx.Node, nope: int) -> fx.Node:
     raise RegionError("no copy of the rope key into the keys (transformers' expand_kv) in the graph")
 
 
-def _lower_mla(low: _Lowering, r: fxr.FxRegion, node, kd: torch.dtype) -> tuple:
+def _lower_mla(low: _Lowering, r: fxr.FxRegion, node, kd: torch.dtype) -> None:
     """transformers' DeepSeek attention: its SDPA core (with wkv_b's expansion) -> dskc::mla_attend over the
     latent cache the graph holds; projections, norms, RoPE and the cache write stay (linears lower on their own)."""
     spec = r.spec
@@ -217,19 +211,25 @@ def _lower_mla(low: _Lowering, r: fxr.FxRegion, node, kd: torch.dtype) -> tuple:
         args = (q, kv, kr, mask, low.const(w.w_uk), low.const(w.w_uv), float(spec.scale))
         new = low.gm.graph.call_function(torch.ops.dskc.mla_attend.default, args)
     _swap(low, r, core, new)
-    return _KERNELS[Op.MLA]
 
 
 _LOWER = {Op.MOE: _lower_ffn, Op.MLP: _lower_ffn, Op.MLA: _lower_mla}
 
 
-def _why_left(low: _Lowering, r: fxr.FxRegion, node) -> str | None:
+def _stems(node, compute: torch.dtype) -> tuple:
+    """The kernels a region's op launches: what dskc.compile plans for the same IR node (dskc.select.launches)."""
+    from dskc.select.launches import Context, launches
+    ctx = Context({torch.bfloat16: "bf16", torch.float16: "fp16"}[compute],
+                  "gpu" if torch.cuda.is_available() else "cpu")
+    return tuple(sorted({stem for t in (1, 16) for _, stem, _ in launches(node, t, ctx)}))
+
+
+def _why_left(low: _Lowering, r: fxr.FxRegion, dt: torch.dtype | None) -> str | None:
     if fxr.unservable(r.spec):
         return str(r.spec)
     if low.grad:
         return ("the graph needs gradients (grad mode, parameters requiring grad): dskc's region ops are "
                 "forward-only; run under torch.no_grad() / torch.inference_mode()")
-    dt = _region_dtype(r)
     if low.compute(dt) is None:
         return (f"{dt} activations: dskc's kernels compute in bf16 / fp16; ask with "
                 "options={'compute_dtype': 'bf16'}" if dt == torch.float32 else f"{dt} activations")
@@ -250,12 +250,11 @@ def lower_regions(low: _Lowering, scope) -> None:
     graph = lower(Graph(tuple(by_path.values())), Options(quantize_weights=low.opts.fp8)) if by_path else Graph(())
     nodes = {n.name: n for n in graph.nodes}
     for r in regions:
-        node, kind = nodes[r.path], r.family.kind.value
-        why = _why_left(low, r, node)
+        node, kind, dt = nodes[r.path], r.family.kind.value, _region_dtype(r)
+        why = _why_left(low, r, dt)
         if why is None:
-            kd = dot_dtype(low.compute(_region_dtype(r)))
             try:
-                stems = _LOWER[r.family.kind](low, r, node, kd)
+                _LOWER[r.family.kind](low, r, node, dot_dtype(low.compute(dt)))
             except RegionError as exc:
                 why = str(exc)
         if why is not None:
@@ -263,10 +262,10 @@ def lower_regions(low: _Lowering, scope) -> None:
                 low.eager.update(r.nodes)
             low.records.append(RegionRecord(kind, r.path, r.family.name, False, (), why))
             continue
-        note = "FP8 weights quantised at compile time" if node.attr("quantized") == "ahead" else ""
-        if _region_dtype(r) == torch.float32:
-            note = "; ".join(x for x in (note, f"float32 computed in {low.opts.compute_dtype} (asked)") if x)
-        low.records.append(RegionRecord(kind, r.path, r.family.name, True, tuple(sorted(stems)), note))
+        notes = ("FP8 weights quantised at compile time" if node.attr("quantized") == "ahead" else "",
+                 f"float32 computed in {low.opts.compute_dtype} (asked)" if dt == torch.float32 else "")
+        low.records.append(RegionRecord(kind, r.path, r.family.name, True, _stems(node, low.compute(dt)),
+                                        "; ".join(n for n in notes if n)))
 
 
 def _why_not_linear(low: _Lowering, node: fx.Node) -> str | None:

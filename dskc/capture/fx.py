@@ -90,6 +90,12 @@ def find(gm: fx.GraphModule, scope: tuple[dict, dict]) -> list[FxRegion]:
                 order.append(key)
             calls[key][1].append(n)
     out, covered = [], []
+    root = scope[0].get("self")
+    got = classify(root) if isinstance(root, torch.nn.Module) else None
+    if got is not None:   # the compiled module is a region itself: its own code carries no stack entry
+        family, spec = got
+        out.append(FxRegion("", "", root, family, spec, nodes))
+        covered.extend(covered_children(family, spec, root))
     for key in order:
         path, members = calls[key]
         rel = normalise(path)[1]
