@@ -16,6 +16,8 @@ IMPLS = {
     "dskc-tuned": "dskc kernel with the autotuner's exported config for this shape (autotune/configs/<arch>)",
     "dskc-bf16": "dskc kernel on bf16 operands (default config)",
     "dskc": "dskc.compiler.compile(model): the model on dskc's generated kernels",
+    "dskc-backend": "torch.compile(model, backend='dskc'): a transformers model's MoE / MLP / MLA regions and linears "
+                    "on dskc's kernels, the rest on Inductor (aot_eager in the CPU smoke run)",
     "torch-bf16": "torch eager bf16 (torch.matmul / the model in plain PyTorch)",
     "torch-scaled-mm": "torch._scaled_mm fp8 with row-wise scales (cuBLASLt; coarser scaling than 1D2D)",
     "torch-grouped-mm": "torch._grouped_mm bf16 (eager)",

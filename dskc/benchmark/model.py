@@ -1,5 +1,6 @@
 """Model suite: prefill and decode tokens/s of deepseek-v2-lite (random weights) and of one deepseek-v3 MoE layer
-(embedding and head included), dskc.compiler.compile vs eager vs torch.compile; KV-cache bytes per token.
+(embedding and head included), dskc.compiler.compile vs eager vs torch.compile; transformers' DeepSeek-V3 through
+torch.compile(backend="dskc") vs backend="inductor" (dskc.benchmark.hf_model); KV-cache bytes per token.
 
 Decode is timed as one step at a fixed position (the cache already holds the prompt), repeated: tokens/s =
 batch / step time. Prefill: tokens/s = batch x prompt / time of the prompt's forward.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from dskc.benchmark import hf_model
 from dskc.benchmark.cases import Case, Impl
 from dskc.benchmark.common import Ctx
 
@@ -101,6 +103,7 @@ def cases(ctx: Ctx):
         _, get = _build(ctx, "tiny", overrides)
         yield _case(ctx, label, get, 1, 4, False)
         yield _case(ctx, label, get, 2, 4, True)
+        yield from hf_model.cases(ctx)
         return
     for label, name, overrides in (
             ("deepseek-v2-lite", "deepseek-v2-lite", dict(max_batch_size=64, max_seq_len=2048)),
@@ -111,6 +114,7 @@ def cases(ctx: Ctx):
             yield _case(ctx, label, get, batch, 1024, False)
         for batch in (1, 8, 64):
             yield _case(ctx, label, get, batch, 1024, True)
+    yield from hf_model.cases(ctx)
 
 
 def kv_cache_rows() -> list[dict]:

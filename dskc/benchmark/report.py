@@ -5,7 +5,7 @@ from pathlib import Path
 
 UNITS = {"tflops": "TFLOP/s", "gbps": "GB/s", "tokens_per_s": "tokens/s"}
 # Column order of the tables: dskc first, then measured baselines, then published reference rows.
-ORDER = ("dskc-default", "dskc-tuned", "dskc-bf16", "dskc", "torch-bf16", "torch-scaled-mm", "torch-grouped-mm",
+ORDER = ("dskc-default", "dskc-tuned", "dskc-bf16", "dskc", "dskc-backend", "torch-bf16", "torch-scaled-mm", "torch-grouped-mm",
          "torch-sdpa", "torch-compile", "deep_gemm", "flash_mla", "vllm", "published-deepgemm", "published-flashmla",
          "published-flaggems")
 

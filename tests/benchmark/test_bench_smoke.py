@@ -5,6 +5,7 @@ The smoke run happens once per module (~10 s on 2 cores); the tests read its fil
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 
 import pytest
@@ -70,6 +71,16 @@ def test_baselines_and_ceilings_are_measured_in_the_same_run(doc):
     gemm = next(r for r in doc["results"] if r["impl"] == "dskc-default" and r["stem"] == "fp8_gemm_1d2d")
     assert gemm["pct_compute"] == pytest.approx(100 * gemm["tflops"] / ce["bf16_matmul"]["value"])
     assert gemm["tflops"] == pytest.approx(2 * 3 * 72 * 128 / gemm["ms"] / 1e9)
+
+
+def test_transformers_deepseek_runs_through_the_dskc_backend(doc):
+    """The model suite's drop-in row: transformers' DeepseekV3ForCausalLM through torch.compile(backend="dskc")
+    (interpreted, rest on aot_eager) against eager float32; backend="inductor" runs on a GPU only."""
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed")
+    rows = {r["impl"]: r for r in doc["results"] if r["case"].startswith("transformers deepseek-v3")}
+    assert rows["dskc-backend"]["status"] == "ok" and rows["dskc-backend"]["rel_err"] < TOLERANCE["model"]
+    assert rows["torch-bf16"]["status"] == "ok" and rows["torch-compile"]["status"] == "skipped"
 
 
 def test_kv_cache_bytes_per_token(doc):
