@@ -71,7 +71,8 @@ def test_pass_fuses_attn_norm_into_one_stacked_gemm_and_ffn_norm_into_the_dense_
 
 
 def test_q_lora_rank_0_stacks_wq_with_wkv_a_or_keeps_two_gemms_when_blocks_do_not_align():
-    # deepseek-v2-lite ships bf16 weights; quantize_weights makes its linears FP8 (its dense MLP stays bf16)
+    # deepseek-v2-lite ships bf16 weights; quantize_weights makes its linears FP8 (its dense MLP stays bf16: 10944
+    # is not whole 128-blocks)
     lite = _nodes(compiler.plan(Transformer(get_config("deepseek-v2-lite"), device="meta"), "sm90a",
                                 Options(quantize_weights=True)))
     assert lite["layers.0"].attr("attn_inputs") == "wq+wkv_a"
