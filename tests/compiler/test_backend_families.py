@@ -25,8 +25,8 @@ DTYPE = {"deepseek_v3": torch.bfloat16, "deepseek_v2": torch.float16, "qwen3_moe
 NEW = 4
 
 
-def _generate(model, ids):
-    out = model.generate(ids, max_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True,
+def _generate(model, ids, new=NEW):
+    out = model.generate(ids, max_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True,
                          pad_token_id=0)
     return out.sequences[:, ids.shape[1]:].cpu(), torch.stack(out.logits, 1).double().cpu()
 
@@ -47,11 +47,11 @@ def _rel(a, ref) -> float:
     return ((a - ref).norm() / ref.norm()).item()
 
 
-def _check(got, low, ref):
+def _check(got, low, ref, least=3):
     """got / low / ref: (tokens, logits) of the run under test, eager in its dtype, eager float32. Over the
     decided steps: the same tokens as eager low precision, logits within twice its error (+ 1e-3)."""
     mask = _decided(ref, low)
-    assert mask.sum() >= 3, f"only {int(mask.sum())} greedy steps that rounding does not decide: another seed"
+    assert mask.sum() >= least, f"only {int(mask.sum())} greedy steps that rounding does not decide: another seed"
     assert torch.equal(got[0][mask], low[0][mask])
     bound = 2 * _rel(low[1][mask], ref[1][mask]) + 1e-3
     err = _rel(got[1][mask], ref[1][mask])
@@ -78,9 +78,10 @@ def test_both_doors_lower_every_region_and_match_eager(name):
         comp.forward = torch.compile(comp.forward, backend=backend, dynamic=True, fullgraph=True)
         fx_run = _generate(comp, ids)
         graphs = len(backend.graphs)
-        fx_run2, eager2, ref2 = _generate(comp, ids2), _generate(low, ids2), _generate(fp32, ids2)
+        # another prompt length: a prefill and a decode step (the interpreter makes every step cost seconds)
+        fx_run2, eager2, ref2 = (_generate(m, ids2, 2) for m in (comp, low, fp32))
         module = compiler.compile(low, "sm90a" if DEV == "cpu" else "auto", build_kernels=False, progress=False)
-        mod_run = _generate(module.module, ids)
+        mod_run, eager3, ref3 = (_generate(m, ids, 3) for m in (module.module, low, fp32))
 
     assert graphs == 2 and len(backend.graphs) == graphs   # a prefill and a decode graph, reused for 7 tokens
     want = expected_regions(fp32)
@@ -91,5 +92,5 @@ def test_both_doors_lower_every_region_and_match_eager(name):
         assert {"moe_route", "moe_permute", "grouped_gemm"} <= set(moe.kernels)
     assert set(_lowered(module.regions())) == set(_lowered(backend.graphs[0].regions))
     _check(fx_run, eager, ref)
-    _check(fx_run2, eager2, ref2)
-    _check(mod_run, eager, ref)
+    _check(fx_run2, eager2, ref2, least=2)
+    _check(mod_run, eager3, ref3)
