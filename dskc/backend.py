@@ -31,6 +31,7 @@ from dskc.explain import RegionRecord, region_table
 from dskc.ir.graph import Graph, Op
 from dskc.lower.passes import Options, lower
 from dskc.runtime import fx_ops  # noqa: F401  (registers the dskc:: ops)
+from dskc.runtime import weights
 from dskc.runtime.modules import dot_dtype, warn_once
 
 _LINEARS = (F.linear, torch._C._nn.linear)
@@ -184,8 +185,8 @@ def _rope_key(r: fxr.FxRegion, key_states: fx.Node, nope: int) -> fx.Node:
             dst = n.args[0]
             idx = dst.args[1] if dst.op == "call_function" and len(dst.args) > 1 else None
             sl = idx[-1] if isinstance(idx, tuple) and idx else idx
-            if fxr._base(dst) is key_states and isinstance(sl, slice) and sl.start == nope:
-                return fxr._base(n.args[1])
+            if fxr.base(dst) is key_states and isinstance(sl, slice) and sl.start == nope:
+                return fxr.base(n.args[1])
     raise RegionError("no copy of the rope key into the keys (transformers' expand_kv) in the graph")
 
 
@@ -245,6 +246,9 @@ def _region_dtype(r: fxr.FxRegion) -> torch.dtype | None:
 
 def lower_regions(low: _Lowering, scope) -> None:
     """Every MoE / MLP / MLA region of the graph: replaced by its dskc op, or recorded with the reason."""
+    if not any(scope):
+        low.records.append(RegionRecord("graph", "-", "-", False, (), "the compiled frame's module instances are not "
+                                        "reachable from Dynamo here (another torch version?): only linears lowered"))
     regions = [r for r in fxr.find(low.gm, scope) if r.family.kind in _LOWER]
     by_path = {r.path: node_of(r.path, r.family, r.spec) for r in regions}
     graph = lower(Graph(tuple(by_path.values())), Options(quantize_weights=low.opts.fp8)) if by_path else Graph(())
@@ -309,7 +313,7 @@ def lower_linears(low: _Lowering) -> None:
         w = fxr.value(node.args[1])
         with g.inserting_before(node):
             if low.opts.fp8:
-                d = layouts.W.dense(low.inputs[node.args[1]], None, quantize=True, kdtype=w.dtype)
+                d = weights.dense(low.inputs[node.args[1]], None, quantize=True, kdtype=w.dtype)
                 new = g.call_function(torch.ops.dskc.fp8_linear.default,
                                       (node.args[0], low.const(d.weight), low.const(d.scale)))
             else:

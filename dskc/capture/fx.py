@@ -123,7 +123,7 @@ def _is_inplace(n: fx.Node) -> bool:
         getattr(getattr(n.target, "_schema", None), "is_mutable", False)
 
 
-def _base(n):
+def base(n):
     """The tensor a view chain starts from (getitem / view / transpose ... followed back)."""
     while isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and n.args and (
             (n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")) in _VIEWS
@@ -172,7 +172,7 @@ def writes_outside(region_nodes) -> list[fx.Node]:
     """In-place writes of the region into tensors it did not create (erasing those would lose a side effect)."""
     inside = set(region_nodes)
     return [n for n in region_nodes if _is_inplace(n) and n.args and isinstance(n.args[0], fx.Node)
-            and _base(n.args[0]) not in inside]
+            and base(n.args[0]) not in inside]
 
 
 def sweep(gm: fx.GraphModule, region_nodes) -> int:
@@ -186,7 +186,7 @@ def sweep(gm: fx.GraphModule, region_nodes) -> int:
         for n in inside:
             if n in live:
                 continue
-            if any(u in live for u in n.users) or (_is_inplace(n) and n.args and _base(n.args[0]) in live):
+            if any(u in live for u in n.users) or (_is_inplace(n) and n.args and base(n.args[0]) in live):
                 live.add(n)
                 changed = True
     dead = [n for n in reversed(inside) if n not in live]
