@@ -11,84 +11,16 @@ from dskc import knobs
 
 
 def _timed_generate(model, prompts, new_tokens):
-    import torch
+    from dskc.demo import timed_generate
 
-    from dskc.model import generate
-
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        out = generate(model, prompts, max_new_tokens=new_tokens)
-    return out, sum(len(o) for o in out) / (time.perf_counter() - t0)
-
-
-def _agree(a: list, b: list) -> str:
-    same = sum(x == y for pa, pb in zip(a, b) for x, y in zip(pa, pb))
-    return f"{same}/{sum(len(p) for p in a)}"
-
-
-def _agreement_with_eager(cfg, model, compiled, prompt, seed) -> dict:
-    """Relative error of the last-position logits of `compiled` and of eager bf16, both against float64 eager."""
-    import torch
-
-    from dskc.model import Transformer
-
-    impl = "fp8" if cfg.dtype == "fp8" else "bf16"   # the compiled FP8 linears quantise activations per 1x128
-    ref = Transformer(cfg, dtype=torch.float64, gemm_impl=impl)
-    ref.load_state_dict(model.state_dict())
-    eager = Transformer(cfg, gemm_impl=impl)
-    eager.load_state_dict(model.state_dict())
-    tok = torch.tensor([prompt])
-    with torch.inference_mode():
-        r = ref(tok, 0)
-        return {name: ((m(tok, 0).double() - r).norm() / r.norm()).item()
-                for name, m in (("compiled", compiled), ("eager", eager))}
+    return timed_generate(model, prompts, new_tokens)
 
 
 def _demo(args) -> int:
-    """The README's main job: the tiny model eager (naive vs absorbed MLA), then compiled for a target and run on
-    the generated kernels, with the explain table and the agreement with eager."""
-    import torch
+    """The README's main job (dskc.demo): the trained tiny-text model by default, --random for random weights."""
+    from dskc.demo import run
 
-    from dskc.model import Transformer, get_config, init_random, kv_cache_bytes_per_token
-
-    torch.set_num_threads(1)  # small matmuls on a shared CPU run faster on one thread
-    cfg = get_config(args.model)
-    torch.manual_seed(args.seed)
-    prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in args.prompt_lens]
-    print(f"dskc demo: model {args.model!r} ({cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_routed_experts} routed "
-          f"experts, weights {cfg.dtype}), {len(prompts)} prompts of {args.prompt_lens} tokens, "
-          f"{args.new_tokens} new tokens each, greedy")
-    models, outs = {}, {}
-    print(f"\n[1] eager PyTorch on {'the GPU' if torch.cuda.is_available() else 'the CPU'}")
-    print(f"{'attention':<10} {'tokens/s':>10} {'KV-cache bytes/token':>22}")
-    for impl in ("naive", "absorb"):
-        models[impl] = Transformer(cfg, attn_impl=impl)
-        init_random(models[impl], seed=args.seed)
-        outs[impl], tps = _timed_generate(models[impl], prompts, args.new_tokens)
-        print(f"{impl:<10} {tps:>10.1f} {kv_cache_bytes_per_token(cfg, impl):>22,}")
-    ratio = kv_cache_bytes_per_token(cfg, "absorb") / kv_cache_bytes_per_token(cfg, "naive")
-    print(f"absorbed cache is {ratio:.2%} of naive; greedy tokens naive vs absorb agree at "
-          f"{_agree(outs['naive'], outs['absorb'])} positions (bf16 rounding differs between the two forms)")
-    if args.no_compile:
-        return 0
-    from dskc import compiler
-    from dskc.explain import capture_line, grouped_table
-
-    print(f"\n[2] dskc.compile(model, target={args.target!r}): kernels built for {args.target}, run "
-          f"{'natively' if torch.cuda.is_available() else 'through the Triton interpreter on the CPU'}")
-    compiled = compiler.compile(models["absorb"], args.target, capture=args.capture)
-    print("regions from", capture_line(compiled.plan.capture))
-    print(grouped_table(compiled.plan))
-    print(f"fallbacks: {compiled.plan.fallbacks or 'none'}")
-    rel = _agreement_with_eager(cfg, models["absorb"], compiled, prompts[0], args.seed)
-    out, tps = _timed_generate(compiled.module, prompts, args.new_tokens)
-    print(f"compiled: {tps:.2f} tokens/s (interpreter timings are not kernel performance)")
-    print(f"prefill logits vs a float64 eager reference with the same FP8 recipe: compiled {rel['compiled']:.3g}, "
-          f"eager bf16 {rel['eager']:.3g} (relative error; the closer, the better)")
-    print(f"greedy tokens agree with eager absorb at {_agree(out, outs['absorb'])} positions (a sequence follows "
-          "its own choices after the first near-tie that rounding decides differently)")
-    print("first prompt's new tokens (compiled):", out[0])
-    return 0
+    return run(args)
 
 
 def _model_args(spec: str, opts=None):
@@ -323,11 +255,15 @@ TOKENS_HELP = ("comma-separated token counts (e.g. 1,16,128,4096): each count's 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dskc", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="run the tiny model's prefill + greedy decode (naive vs absorbed MLA)")
-    d.add_argument("--model", default="tiny")
-    d.add_argument("--prompt-lens", type=int, nargs="+", default=[12, 7, 20])
-    d.add_argument("--new-tokens", type=int, default=8)
-    d.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("demo", help="the main job: the trained tiny-text model eager vs compiled, text in and out "
+                       "(--random: random weights)")
+    d.add_argument("--prompt", action="append", help="a text prompt (repeatable; default four built-in prompts)")
+    d.add_argument("--checkpoint", help="a tiny-text checkpoint directory (default: the packaged one)")
+    d.add_argument("--new-tokens", type=int, default=None, help="default 32 (trained) or 8 (--random)")
+    d.add_argument("--random", action="store_true", help="random weights and token ids instead of the trained model")
+    d.add_argument("--model", default="tiny", help="with --random: the config")
+    d.add_argument("--prompt-lens", type=int, nargs="+", default=[12, 7, 20], help="with --random: prompt lengths")
+    d.add_argument("--seed", type=int, default=0, help="with --random: weights and prompts")
     d.add_argument("--target", default="sm90a", help="arch the kernels are built for (sm90a, sm100a, sm80)")
     d.add_argument("--no-compile", action="store_true", help="only the eager part")
     d.add_argument("--capture", choices=("module", "dynamo"), default="dynamo", help=CAPTURE_HELP)

@@ -108,6 +108,24 @@ class MLA(nn.Module):
 
         mask: None (seqlen == 1) or [seqlen, start_pos + seqlen] float32 with -inf above the causal diagonal.
         """
+        attend = self._naive if self.attn_impl == "naive" else self._absorb
+        out = attend(*self._project(x, rope), start_pos, mask)
+        return self.wo(out.flatten(2))
+
+    def forward_uncached(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of x [bsz, seqlen, dim] (positions 0..seqlen-1) over itself only: the naive form's arithmetic
+        without reading or writing the KV cache, so it is differentiable and takes any batch size (training,
+        dskc.model.train). rope: the table's first seqlen rows; mask: causal [seqlen, seqlen] or None."""
+        q_nope, q_pe, kv, k_pe = self._project(x, rope)
+        k_nope, v = self._kv_heads(kv)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_local_heads, -1)], -1)
+        probs = self._softmax(torch.einsum("bshd,bthd->bsht", q, k), mask, q)
+        return self.wo(torch.einsum("bsht,bthd->bshd", probs, v).flatten(2))
+
+    def _project(self, x: torch.Tensor, rope: torch.Tensor):
+        """x -> (q_nope, q_pe [bsz, seqlen, heads, *] with RoPE, latent kv [bsz, seqlen, kv_lora_rank] (before
+        kv_norm), k_pe [bsz, seqlen, 1, qk_rope] with RoPE)."""
         bsz, seqlen, _ = x.shape
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(bsz, seqlen, self.n_local_heads, self.nope + self.rope)
@@ -115,9 +133,13 @@ class MLA(nn.Module):
         q_pe = apply_rope(q_pe, rope)
         kv, k_pe = torch.split(self.wkv_a(x), [self.kv_lora_rank, self.rope], dim=-1)
         k_pe = apply_rope(k_pe.unsqueeze(2), rope)
-        attend = self._naive if self.attn_impl == "naive" else self._absorb
-        out = attend(q_nope, q_pe, kv, k_pe, start_pos, mask)
-        return self.wo(out.flatten(2))
+        return q_nope, q_pe, kv, k_pe
+
+    def _kv_heads(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent kv [bsz, seqlen, kv_lora_rank] -> per-head (k_nope, v) through kv_norm and wkv_b."""
+        bsz, seqlen = kv.shape[:2]
+        kv = self.wkv_b(self.kv_norm(kv)).view(bsz, seqlen, self.n_local_heads, self.nope + self.v_dim)
+        return torch.split(kv, [self.nope, self.v_dim], dim=-1)
 
     def _softmax(self, scores: torch.Tensor, mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         scores = scores.float() * self.softmax_scale
@@ -129,8 +151,7 @@ class MLA(nn.Module):
         bsz, seqlen = kv.shape[:2]
         end = start_pos + seqlen
         q = torch.cat([q_nope, q_pe], dim=-1)
-        kv = self.wkv_b(self.kv_norm(kv)).view(bsz, seqlen, self.n_local_heads, self.nope + self.v_dim)
-        k_nope, v = torch.split(kv, [self.nope, self.v_dim], dim=-1)
+        k_nope, v = self._kv_heads(kv)
         self.k_cache[:bsz, start_pos:end] = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_local_heads, -1)], -1)
         self.v_cache[:bsz, start_pos:end] = v
         scores = torch.einsum("bshd,bthd->bsht", q, self.k_cache[:bsz, :end])

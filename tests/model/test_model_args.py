@@ -8,7 +8,7 @@ from dskc.model import CONFIGS, ModelArgs, get_config
 
 
 def test_named_configs_match_the_reference_table():
-    assert set(CONFIGS) == {"tiny", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3"}
+    assert set(CONFIGS) == {"tiny", "tiny-text", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3"}
     v3 = CONFIGS["deepseek-v3"]
     assert (v3.vocab_size, v3.dim, v3.inter_dim, v3.moe_inter_dim) == (129280, 7168, 18432, 2048)
     assert (v3.n_layers, v3.n_dense_layers, v3.n_heads, v3.n_routed_experts) == (61, 3, 128, 256)
@@ -22,8 +22,9 @@ def test_named_configs_match_the_reference_table():
     assert (lite.max_batch_size, lite.max_seq_len, lite.original_seq_len, lite.rope_factor) == (8, 16384, 4096, 40)
 
 
-def test_tiny_exercises_every_path():
-    t = CONFIGS["tiny"]
+@pytest.mark.parametrize("name", ["tiny", "tiny-text"])
+def test_tiny_exercises_every_path(name):
+    t = CONFIGS[name]
     assert t.q_lora_rank > 0 and t.n_expert_groups > 1 and t.n_limited_groups < t.n_expert_groups
     assert t.score_func == "sigmoid" and t.has_gate_bias and t.route_scale != 1 and t.yarn_active
     assert 1 <= t.n_dense_layers < t.n_layers and t.dtype == "fp8"
