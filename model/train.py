@@ -60,7 +60,7 @@ class TrainConfig:
     bias_step: float = 1e-2         # gamma of the bias update: DeepSeek-V3 uses 1e-3 over ~10^5 steps; 700 steps need more
     val_fraction: float = 1 / 16
     eval_every: int = 100
-    threads: int = 2
+    threads: int = 1               # the committed run used 1; float reduction order changes with the count
 
 
 # ---- corpus ---------------------------------------------------------------------------------------------------
@@ -286,24 +286,49 @@ def load_trained(directory: str | os.PathLike = CHECKPOINT_DIR, *, attn_impl: st
 
 
 @torch.no_grad()
-def evaluate(trained: Transformer, val_data: torch.Tensor, seq_len: int) -> dict:
+def evaluate(trained: Transformer, data: bytes, cfg: TrainConfig) -> dict:
     """Validation bits per byte of the trained weights: float32, bf16, FP8 weights, FP8 weights + 1x128 FP8
-    activations (the compiled FP8 recipe); and the experts' load on the validation text (FP8 model)."""
+    activations (the compiled FP8 recipe); and the FP8 model's expert load (expert_load)."""
+    train_data, val_data = split(data, cfg.val_fraction)
     bf16 = Transformer(training_config(), attn_impl="naive")
     bf16.load_state_dict(trained.state_dict())
     fp8 = to_fp8(trained, "naive")
-    fp8_act = to_fp8(trained, "naive", gemm_impl="fp8")
-    figures = {"float32": bits_per_byte(trained, val_data, seq_len), "bf16": bits_per_byte(bf16, val_data, seq_len),
-               "fp8_weights": bits_per_byte(fp8, val_data, seq_len)}
-    load = ExpertLoad(fp8_act)
-    figures["fp8_weights_and_activations"] = bits_per_byte(fp8_act, val_data, seq_len)
-    loads = {name: (c.float() / c.sum()).tolist() for name, c in load.counts.items()}
-    balance = {name.removesuffix(".ffn.gate"): round(v, 3) for name, v in load.max_over_mean().items()}
+    figures = {"float32": bits_per_byte(trained, val_data, cfg.seq_len),
+               "bf16": bits_per_byte(bf16, val_data, cfg.seq_len),
+               "fp8_weights": bits_per_byte(fp8, val_data, cfg.seq_len)}
+    report = expert_load(to_fp8(trained, "naive", gemm_impl="fp8"), train_data, val_data, cfg.seq_len)
+    figures["fp8_weights_and_activations"] = report.pop("validation_bits_per_byte")
+    return {"validation_bits_per_byte": {k: round(v, 4) for k, v in figures.items()}, "expert_load": report}
+
+
+def train_sample(train_data: torch.Tensor, n_bytes: int, seq_len: int) -> torch.Tensor:
+    """About n_bytes of the training text in seq_len + 1 windows spread evenly over it (a fixed sample)."""
+    n = max(1, n_bytes // seq_len)
+    stride = (len(train_data) - seq_len - 1) // n
+    return torch.cat([train_data[i * stride:i * stride + seq_len + 1] for i in range(n)])
+
+
+@torch.no_grad()
+def expert_load(model: Transformer, train_data: torch.Tensor, val_data: torch.Tensor, seq_len: int) -> dict:
+    """The routed experts' load, per MoE layer: the busiest expert's share over the mean (1 = balanced) on the
+    validation text and on a training sample of the same size, and the validation shares; plus the validation
+    bits per byte of `model` (computed on the way)."""
+    load = ExpertLoad(model)
+    bpb = bits_per_byte(model, val_data, seq_len)
+    val_ratio = load.max_over_mean()
+    shares = {n: (c.float() / c.sum()).tolist() for n, c in load.counts.items()}
+    load.reset()
+    sample = train_sample(train_data, len(val_data), seq_len)
+    windows = sample.view(-1, seq_len + 1)
+    for chunk in windows.split(16):
+        all_logits(model, chunk[:, :-1])   # the same positions bits_per_byte routes
+    train_ratio = load.max_over_mean()
     load.remove()
-    return {"validation_bits_per_byte": {k: round(v, 4) for k, v in figures.items()},
-            "expert_load": {"max_over_mean": balance,
-                            "fractions": {n.removesuffix(".ffn.gate"): [round(x, 4) for x in f]
-                                          for n, f in loads.items()}}}
+    short = lambda name: name.removesuffix(".ffn.gate")   # noqa: E731
+    return {"validation_bits_per_byte": bpb,
+            "max_over_mean": {short(n): round(v, 3) for n, v in val_ratio.items()},
+            "max_over_mean_train_sample": {short(n): round(v, 3) for n, v in train_ratio.items()},
+            "fractions": {short(n): [round(x, 4) for x in f] for n, f in shares.items()}}
 
 
 def save(trained: Transformer, record: dict, out: str | os.PathLike) -> Path:
@@ -321,7 +346,9 @@ def save(trained: Transformer, record: dict, out: str | os.PathLike) -> Path:
 def record_markdown(rec: dict) -> str:
     """The record in a few lines for people (record.json holds all of it)."""
     c, t, s, v = rec["corpus"], rec["train"], rec["seconds"], rec["validation_bits_per_byte"]
-    balance = ", ".join(f"{k} {x:.2f}" for k, x in rec["expert_load"]["max_over_mean"].items())
+    load = rec["expert_load"]
+    balance = ", ".join(f"{k} {x:.2f}" for k, x in load["max_over_mean"].items())
+    train_balance = ", ".join(f"{k} {x:.2f}" for k, x in load["max_over_mean_train_sample"].items())
     return "\n".join([
         f"# {rec['config']}: trained by `python -m dskc.model.train`", "",
         f"- corpus: {c['source']}, Python {c['python']}, {c['bytes']:,} bytes, sha256 `{c['sha256']}`; "
@@ -332,7 +359,8 @@ def record_markdown(rec: dict) -> str:
         f"with other jobs (1-minute load average {s['load1_mean']} mean, {s['load1_max']} max)",
         f"- validation bits per byte: float32 {v['float32']}, bf16 {v['bf16']}, FP8 weights {v['fp8_weights']}, "
         f"FP8 weights + 1x128 FP8 activations {v['fp8_weights_and_activations']}",
-        f"- expert load on the validation text (FP8 model), busiest expert over the mean: {balance}",
+        f"- expert load (FP8 model), the busiest expert's share over the mean: on the validation text {balance}; "
+        f"on a training sample of the same size {train_balance}",
         f"- checkpoint: {rec['checkpoint']['file']}, {rec['checkpoint']['bytes']:,} bytes, "
         f"{rec['checkpoint']['format']}; loss curve: loss.png (`python -m dskc.train_plot`)", ""])
 
@@ -352,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     cfg = dataclasses.replace(TrainConfig(), seed=a.seed, steps=a.steps, threads=a.threads)
     trained, record = train(cfg)
-    record.update(evaluate(trained, split(corpus()[0], cfg.val_fraction)[1], cfg.seq_len))
+    record.update(evaluate(trained, corpus()[0], cfg))
     path = save(trained, record, a.out)
     print(json.dumps({"validation_bits_per_byte": record["validation_bits_per_byte"],
                       "expert_load_max_over_mean": record["expert_load"]["max_over_mean"],
