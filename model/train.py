@@ -57,7 +57,7 @@ class TrainConfig:
     warmup: int = 40
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    bias_step: float = 1e-2         # gamma of the bias update: DeepSeek-V3 uses 1e-3 over ~10^5 steps; 700 steps need more
+    bias_step: float = 1e-2         # gamma of the bias update (DeepSeek-V3: 1e-3 over ~10^5 steps; 700 need more)
     val_fraction: float = 1 / 16
     eval_every: int = 100
     threads: int = 1               # the committed run used 1; float reduction order changes with the count

@@ -16,9 +16,10 @@ RECORD = json.loads((T.CHECKPOINT_DIR / T.RECORD).read_text())
 def _same_corpus_or_skip() -> bytes:
     data, about = T.corpus()
     if about["sha256"] != RECORD["corpus"]["sha256"]:
+        trained_on = RECORD["corpus"]
         pytest.skip(f"this Python's pydoc_data.topics differs from the corpus the checkpoint was trained on (sha256 "
-                    f"{about['sha256'][:12]}... on Python {about['python']}, trained on {RECORD['corpus']['sha256'][:12]}"
-                    f"... from Python {RECORD['corpus']['python']}): its figures cannot be reproduced here")
+                    f"{about['sha256'][:12]}... on Python {about['python']}, trained on {trained_on['sha256'][:12]}"
+                    f"... from Python {trained_on['python']}): its figures cannot be reproduced here")
     return data
 
 
