@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from .args import ModelArgs, get_config
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .fp8 import quantize_weight
+from .loader import load_checkpoint
 from .mla import RMSNorm
 from .model import Transformer
 from .moe import Gate

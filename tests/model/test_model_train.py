@@ -1,5 +1,6 @@
 """dskc.model.train: the training-mode forward, the auxiliary-loss-free expert balancing, the FP8 export, the corpus."""
 import dataclasses
+import json
 import math
 
 import pytest
@@ -90,3 +91,23 @@ def test_corpus_and_split_are_the_stdlib_reference_text():
     assert bytes(val.tolist()) == data[-len(val):]
     assert T.decode(T.encode('The "if" statement')) == 'The "if" statement'
     assert T.decode([0xE2, 0x80]) == "\ufffd"    # cut inside a character: a replacement mark, no exception
+
+
+def test_a_short_run_writes_a_loadable_fp8_checkpoint_and_its_record(tmp_path):
+    cfg = T.TrainConfig(steps=2, batch=2, seq_len=32, warmup=1)
+    lines = []
+    model, record = T.train(cfg, log=lines.append)
+    assert len(record["loss_curve"]) == 2 and record["validation_curve"][-1][0] == 2
+    assert record["corpus"]["sha256"] == T.corpus()[1]["sha256"] and record["train"]["steps"] == 2
+    assert any("expert" in line and "bpb" in line for line in lines)
+    record.update({"validation_bits_per_byte": dict.fromkeys(("float32", "bf16", "fp8_weights",
+                                                              "fp8_weights_and_activations"), 7.5),
+                   "expert_load": {"max_over_mean": {"layers.1": 1.5}, "max_over_mean_train_sample": {"layers.1": 1.2}}})
+    path = T.save(model, record, tmp_path)
+    loaded = T.load_trained(tmp_path).state_dict()
+    for name, t in T.to_fp8(model).state_dict().items():   # bit for bit (e4m3 compared as bytes)
+        bits = (lambda x: x.view(torch.uint8)) if t.dtype == torch.float8_e4m3fn else (lambda x: x)
+        assert loaded[name].dtype == t.dtype and torch.equal(bits(loaded[name]), bits(t)), name
+    saved = json.loads((tmp_path / T.RECORD).read_text())
+    assert saved["checkpoint"]["bytes"] == path.stat().st_size and "sha256" in saved["checkpoint"]
+    assert "validation bits per byte" in (tmp_path / "record.md").read_text()
