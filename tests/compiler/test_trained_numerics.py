@@ -141,6 +141,7 @@ def test_every_region_fed_eager_inputs_within_2e2_of_eager_fp8(fp8_models, regio
     ops = {n.name: n.op for n in fp8_models[1].plan.graph.nodes}
     assert {ops[n] for n in names} == set(REGION_OPS)   # every kind of region, the bf16 head included
     msg = "relative error per region: " + ", ".join(f"{n} {e:.2e}" for n, e in errors.items())
+    print(msg)
     assert all(e < 2e-2 for n, e in errors.items() if ops[n] is not Op.BLOCK), msg
     assert all(e < 3e-2 for n, e in errors.items() if ops[n] is Op.BLOCK), msg
 
@@ -153,6 +154,7 @@ def test_attention_core_on_eager_inputs_within_5e3_of_float64_and_no_worse_than_
     bound of 5e-3 against eager bf16 would fail in layer 1 for any implementation that is not eager itself)."""
     *_, core = region_errors
     msg = "; ".join(f"{n}: " + ", ".join(f"{k} {v:.2e}" for k, v in e.items()) for n, e in core.items())
+    print(msg)
     assert all(e["compiled_vs_float64"] < 5e-3 for e in core.values()), msg
     assert all(e["compiled_vs_float64"] <= e["eager_vs_float64"] for e in core.values()), msg
 
@@ -185,6 +187,7 @@ def test_fp8_end_to_end_prefill_logits_within_3e2_and_90pct_greedy_tokens(fp8_mo
     err = _rel(first, ref_first)
     same, total = int((picks == ref).sum()), ref.numel()
     msg = f"prefill logits relative error {err:.3e}; greedy tokens identical at {same}/{total}"
+    print(msg)
     assert total == len(PROMPTS) * NEW_TOKENS
     assert err < 3e-2, msg
     assert same >= 0.9 * total, msg
@@ -207,7 +210,7 @@ def _free_running(model, prompts: torch.Tensor):
 def test_without_fp8_same_greedy_tokens_and_logits_within_5e3_of_float64():
     """The trained weights as bf16 (dequantised from the checkpoint), fp16 compute; compiled vs eager float64 over
     a prefill of 4 prompts and 16 decode steps fed the reference's greedy tokens: every step's logits within 5e-3
-    and the same greedy token. Measured here: compiled within 3.9e-4 of float64 (eager fp16 1.1e-3), the same
+    and the same greedy token. Measured here: compiled within 3.5e-4 of float64 (eager fp16 1.1e-3), the same
     greedy tokens at all 17 calls x 4 prompts."""
     fp8 = load_trained()
     cfg = dataclasses.replace(fp8.args, dtype="bf16")
@@ -229,5 +232,6 @@ def test_without_fp8_same_greedy_tokens_and_logits_within_5e3_of_float64():
             pos += tok.shape[1]
             tok = r.argmax(-1, keepdim=True)
     msg = f"max relative error {max(errs):.2e} over 17 calls; greedy tokens equal at {sum(agree)}/17 steps"
+    print(msg)
     assert max(errs) < 5e-3, msg
     assert all(agree), msg
