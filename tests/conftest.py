@@ -11,3 +11,32 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _refuse_launches():
+    """Context manager: any Triton kernel launched inside fails the test (JITFunction and the interpreter's)."""
+    import contextlib
+
+    import triton
+
+    @contextlib.contextmanager
+    def guard():
+        kernel_interface = triton.runtime.jit.KernelInterface
+        original = kernel_interface.__getitem__
+
+        def refuse(self, grid):
+            raise AssertionError(f"kernel {getattr(self, '__name__', self)} launched on an input outside the contract")
+
+        kernel_interface.__getitem__ = refuse
+        try:
+            yield
+        finally:
+            kernel_interface.__getitem__ = original
+
+    return guard()
+
+
+@pytest.fixture
+def no_launch():
+    """`with no_launch(): op(bad input)` asserts the op raises (or returns) before launching any kernel."""
+    return _refuse_launches

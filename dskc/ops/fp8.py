@@ -8,6 +8,7 @@ the problem's bucket, else the stem's tuning-free rule (dskc.ops._config, cached
 """
 from __future__ import annotations
 
+import math
 
 import torch
 
@@ -38,7 +39,7 @@ def _check_tensor(name: str, t, dtypes, ndim: int | None = None) -> None:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if t.dim() > 0 and t.numel() > 0 and t.stride(-1) != 1:
+    if t.dim() > 0 and t.numel() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:   # a size-1 dim has any stride
         raise ValueError(f"{name} must be contiguous in its last dimension (stride {t.stride()})")
 
 
@@ -64,7 +65,7 @@ def _rows(name: str, x: torch.Tensor) -> torch.Tensor:
     if x.dim() < 1:
         raise ValueError(f"{name} must have at least one dimension")
     try:
-        return x.view(-1, x.shape[-1])
+        return x.view(math.prod(x.shape[:-1]), x.shape[-1])   # not view(-1, K): K = 0 leaves -1 undefined
     except RuntimeError as exc:
         raise ValueError(f"{name} with shape {tuple(x.shape)} and stride {x.stride()} cannot be viewed as rows; "
                          f"make it contiguous") from exc
@@ -82,6 +83,9 @@ def act_quant(x: torch.Tensor, block: int = BLOCK, ue8m0: bool = False, config: 
 
     q [..., K] float8_e4m3fn, s [..., ceil(K/128)] fp32 with x ~= q * s per 128-column block;
     s = max(amax, 1e-4) / 448, rounded up to a power of two when `ue8m0`. Only block = 128 is supported.
+    Non-finite x: a NaN or +-inf element becomes e4m3 NaN in q (never a finite value; e4m3fn has no inf) and is
+    left out of its block's amax, so the block's other elements quantise as without it. The same holds for
+    rmsnorm_act_quant and silu_mul_act_quant (where a NaN in a row's sum of squares makes that whole row NaN).
     """
     if block != BLOCK:
         raise ValueError(f"act_quant supports block = {BLOCK} only, got {block}")

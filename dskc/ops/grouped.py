@@ -10,20 +10,27 @@ import triton
 
 from dskc import knobs
 from dskc.ops._moe_checks import FP8, _HALF, _config, _devices, _fail, _need_e4m3, _tensor
+from dskc.ops._validate import should_validate
 from dskc.templates.triton import grouped_gemm as _gg
 
 __all__ = ["grouped_gemm", "grouped_gemm_contiguous", "grouped_gemm_masked"]
 
 
 def grouped_gemm(a, sa, b, sb, out, *, m_indices=None, block_expert=None, align=None, masked_m=None,
-                 epilogue: str = "none", out_scale=None, row_weight=None, b_up=None, sb_up=None, config=None):
+                 epilogue: str = "none", out_scale=None, row_weight=None, b_up=None, sb_up=None, config=None,
+                 validate=None):
     """out[rows of expert e] = epilogue(A[rows] @ B[e]^T). FP8 1D2D when sa / sb are given, else bf16 / fp16.
 
     a: [R, K] (contiguous) or [E, M_max, K] (masked); sa: [R, K/128] / [E, M_max, K/128] fp32 (fp8 only; any
     strides, e.g. DeepGEMM's MN-major scales).
     b: [E, N, K]; sb: [E, ceil(N/128), K/128] fp32. Exactly one expert map: m_indices [R] int32 (per row, -1 =
-    padding row, not written), block_expert [R/align] int32 (per align-row block; BLOCK_M must divide align) or
-    masked_m [E] int32 (rows per expert of the masked layout).
+    padding row, not written), block_expert [R/align] int32 (per align-row block, -1 = empty; BLOCK_M must divide
+    align) or masked_m [E] int32 (rows per expert of the masked layout, each in [0, M_max]). With m_indices, each
+    expert's segment starts on a multiple of 128 (DeepGEMM's layout; the kernel needs one expert per BLOCK_M rows).
+    validate: read the expert map on the host (one sync) and refuse ids outside [-1, E), masked_m outside
+    [0, M_max] and several experts in one BLOCK_M-row block (ValueError); None = unless a CUDA graph is being
+    captured, False = never (maps built by dskc). Unchecked, the kernel skips rows whose id is outside [0, E)
+    (like -1: never a read outside b) and clamps masked_m to [0, M_max].
     epilogue: "none"; "weight" (times row_weight [R] fp32); "swiglu" (b = [gate; up] stacked, N = 2 * N_out, or
     gate in b and up in b_up / sb_up: out = silu(gate) * up); "swiglu_quant" (the same, out e4m3 with
     out_scale [R, N_out/128] fp32; N_out % 128 == 0).
@@ -35,15 +42,7 @@ def grouped_gemm(a, sa, b, sb, out, *, m_indices=None, block_expert=None, align=
         _fail(f"epilogue must be one of {sorted(_gg.EPILOGUES)}, got {epilogue!r}")
     swiglu = epilogue.startswith("swiglu")
     stacked = swiglu and b_up is None
-    if stacked:
-        if n % 2 or (fp8 and (n // 2) % 128):
-            _fail(f"a stacked [gate; up] weight needs an even N (a multiple of 256 for fp8), got N={n}")
-        n //= 2
-        b, b_up = b[:, :n], b[:, n:]
-        if fp8:
-            sb, sb_up = sb[:, :n // 128], sb[:, n // 128:]
-    elif swiglu:
-        _check_up(b, sb, b_up, sb_up, fp8)
+    b, sb, b_up, sb_up, n = _up_operands(b, sb, b_up, sb_up, swiglu, fp8)
     _check_out(out, a, masked, rows, n, epilogue, fp8, out_scale, row_weight)
     maps = [m for m in (m_indices, block_expert, masked_m) if m is not None]
     if len(maps) != 1 or (masked != (masked_m is not None)):
@@ -54,13 +53,16 @@ def grouped_gemm(a, sa, b, sb, out, *, m_indices=None, block_expert=None, align=
     _devices(a=a, sa=sa, b=b, sb=sb, out=out, out_scale=out_scale, row_weight=row_weight)
     cfg = _config(_gg, config, problem, a.device)
     eid, per_id, m_max, n_mblocks = _expert_map(a, e, rows, m_indices, block_expert, align, masked_m, cfg)
-    _devices(a=a, sa=sa, b=b, sb=sb, out=out, out_scale=out_scale, row_weight=row_weight, eid=eid)
+    _devices(a=a, sa=sa, b=b, sb=sb, b_up=b_up, sb_up=sb_up, out=out, out_scale=out_scale, row_weight=row_weight,
+             eid=eid)
+    if should_validate(validate, a.device):
+        _validate_map(eid, e, per_id, m_max, cfg["BLOCK_M"], masked)
     dummy = eid
     _gg.grouped_gemm_kernel[(n_mblocks, triton.cdiv(n, cfg["BLOCK_N"]))](
         a, sa if fp8 else dummy, b, b_up if swiglu else b, sb if fp8 else dummy,
         sb_up if (fp8 and swiglu) else dummy, out, out_scale if out_scale is not None else dummy, eid,
         masked_m if masked else eid, row_weight if row_weight is not None else dummy,
-        rows, n, k, m_max, b.stride(0), sb.stride(0) if fp8 else 0,
+        rows, e, n, k, m_max, b.stride(0), sb.stride(0) if fp8 else 0,
         *(_sa_strides(sa, masked) if fp8 else (0, 0, 0)),
         **_gg.bind(problem, cfg, knobs.get().triton_interpret)["grouped_gemm_kernel"])
     return out
@@ -103,11 +105,38 @@ def _check_operands(a, sa, b, sb):
     return fp8, masked
 
 
+def _up_operands(b, sb, b_up, sb_up, swiglu, fp8):
+    """(b, sb, b_up, sb_up, N_out): a stacked [gate; up] b split in two, or the given up operand checked."""
+    n = b.shape[1]
+    if not swiglu:
+        if b_up is not None or sb_up is not None:
+            _fail("b_up / sb_up are only read by the swiglu epilogues")
+        return b, sb, b_up, sb_up, n
+    if b_up is not None:
+        _check_up(b, sb, b_up, sb_up, fp8)
+        return b, sb, b_up, sb_up, n
+    if sb_up is not None:
+        _fail("sb_up without b_up: give both, or neither for a stacked [gate; up] weight")
+    if n % 2 or (fp8 and (n // 2) % 128):
+        _fail(f"a stacked [gate; up] weight needs an even N (a multiple of 256 for fp8), got N={n}")
+    n //= 2
+    if fp8:
+        return b[:, :n], sb[:, :n // 128], b[:, n:], sb[:, n // 128:], n
+    return b[:, :n], sb, b[:, n:], sb_up, n
+
+
 def _check_up(b, sb, b_up, sb_up, fp8):
     _tensor("b_up", b_up, (b.dtype,))
-    if b_up.shape != b.shape or b_up.dtype != b.dtype or b_up.stride() != b.stride():
+    if b_up.shape != b.shape or b_up.stride() != b.stride():
         _fail(f"b_up must match b: shape {tuple(b.shape)}, dtype {b.dtype}, strides {b.stride()}")
-    if fp8 and (sb_up is None or sb_up.shape != sb.shape or sb_up.stride() != sb.stride()):
+    if not fp8:
+        if sb_up is not None:
+            _fail("sb_up is only for fp8 weights (these are 16-bit)")
+        return
+    if sb_up is None:
+        _fail(f"fp8 b_up needs sb_up shaped and strided like sb {tuple(sb.shape)}")
+    _tensor("sb_up", sb_up, (torch.float32,), strided=True)
+    if sb_up.shape != sb.shape or sb_up.stride() != sb.stride():
         _fail(f"fp8 b_up needs sb_up shaped and strided like sb {tuple(sb.shape)}")
 
 
@@ -144,20 +173,44 @@ def _expert_map(a, e, rows, m_indices, block_expert, align, masked_m, cfg):
     return block_expert, align, 0, rows // bm
 
 
-def grouped_gemm_contiguous(a, sa, b, sb, m_indices, out, *, config=None):
+def _validate_map(eid, e, per_id, m_max, block_m, masked):
+    """Refuse expert-map values the kernel would skip or clamp (one host sync); see grouped_gemm's `validate`."""
+    if masked:
+        if bool(((eid < 0) | (eid > m_max)).any()):
+            _fail(f"masked_m must hold row counts in [0, M_max={m_max}], got {eid[:8].tolist()}...")
+        return
+    name = "m_indices" if per_id == 1 else "block_expert"
+    outside = (eid < -1) | (eid >= e)
+    mixed = torch.zeros((), dtype=torch.bool, device=eid.device)
+    if per_id == 1 and eid.numel():
+        big = torch.iinfo(torch.int32).max
+        ids = torch.nn.functional.pad(eid, (0, -eid.numel() % block_m), value=-1).view(-1, block_m)
+        lo = torch.where(ids >= 0, ids, big).amin(1)
+        mixed = ((lo != big) & (lo != ids.amax(1))).any()
+    bad_ids, bad_segments = torch.stack([outside.any(), mixed]).tolist()
+    if bad_ids:
+        _fail(f"{name} holds expert ids outside [-1, E={e}) (-1 = padding), e.g. {eid[outside][:4].tolist()}")
+    if bad_segments:
+        _fail(f"m_indices puts rows of several experts in one {block_m}-row block: each expert's segment must "
+              f"start on a multiple of 128 (DeepGEMM's contiguous layout), padded with -1")
+
+
+def grouped_gemm_contiguous(a, sa, b, sb, m_indices, out, *, config=None, validate=None):
     """DeepGEMM's m_grouped_*_gemm_nt_contiguous: out[r] = a[r] @ b[m_indices[r]]^T; rows with -1 untouched.
 
     Each expert's rows must start on a multiple of 128 (DeepGEMM's alignment); sa / sb None means bf16 / fp16.
+    m_indices values are checked as in `grouped_gemm` (`validate`).
     """
-    return grouped_gemm(a, sa, b, sb, out, m_indices=m_indices, config=config)
+    return grouped_gemm(a, sa, b, sb, out, m_indices=m_indices, config=config, validate=validate)
 
 
-def grouped_gemm_masked(a, sa, b, sb, masked_m, expected_m, out, *, config=None):
+def grouped_gemm_masked(a, sa, b, sb, masked_m, expected_m, out, *, config=None, validate=None):
     """DeepGEMM's m_grouped_*_gemm_nt_masked: out[e, :masked_m[e]] = a[e, :masked_m[e]] @ b[e]^T.
 
     a [E, M_max, K], out [E, M_max, N]; rows past masked_m[e] are untouched. expected_m (DeepGEMM's hint of the
     typical masked_m) is checked and accepted for compatibility; the config comes from `config` or the defaults.
+    masked_m values are checked as in `grouped_gemm` (`validate`).
     """
     if not isinstance(expected_m, int) or expected_m < 1:
         _fail(f"expected_m must be a positive int, got {expected_m!r}")
-    return grouped_gemm(a, sa, b, sb, out, masked_m=masked_m, config=config)
+    return grouped_gemm(a, sa, b, sb, out, masked_m=masked_m, config=config, validate=validate)

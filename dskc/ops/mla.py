@@ -8,8 +8,11 @@ Conventions shared by every function here:
   * A sequence of length 0 is allowed: its rows get out = 0 and lse = -inf. Likewise a query row that sees no
     key under the causal mask.
   * lse is the natural-log log-sum-exp of the scaled logits, fp32.
-Input values (seqlens against the block table, page ids against the cache) are checked with one device sync
-unless `validate=False` or a CUDA graph is being captured.
+Input values (seqlens against the block table, page ids against the cache, positions against the rope table,
+cache slots against the cache) are checked with one device sync unless `validate=False` or a CUDA graph is being
+captured; unchecked, the kernels confine them (never an out-of-bounds access): a seqlen is clamped to the block
+table, a token on a page id outside the cache is skipped, a slot past the cache is not written, a position outside
+the rope table rotates to NaN.
 Precision: products on tensor cores in the operand dtype (fp32 operands run as TF32 on GPUs, Triton's default),
 softmax and accumulation in fp32. The FP8 cache is decoded / encoded by bit manipulation (no fp8 type needed, so
 sm_80 works too); encoding rounds to nearest-even via fp16, at most 1 ulp from a direct conversion.
@@ -23,6 +26,7 @@ import torch
 
 from dskc.arch import family_of_device
 from dskc.ops import _config as _cfg
+from dskc.ops._validate import should_validate as _should_validate
 from dskc.templates.triton import mla_decode as _dec
 from dskc.templates.triton import mla_prefill as _pre
 from dskc.templates.triton import mla_rope as _rope
@@ -171,12 +175,6 @@ def _check_decode(q, kv_cache, block_table, cache_seqlens, kv_format):
     return b, s_q, h_q, kv_cache.shape[0], page
 
 
-def _should_validate(validate, device) -> bool:
-    if validate is not None:
-        return bool(validate)
-    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-
-
 def validate_paged(block_table, cache_seqlens, num_blocks: int, page: int) -> None:
     """Seqlens within 0..max_blocks*page, used page ids within 0..num_blocks-1 (one device sync)."""
     cap = block_table.shape[1] * page
@@ -243,8 +241,8 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal=Fa
     kw = _dec.bind(problem, cfg)
     _dec.mla_decode_split_kernel[grid](
         q, kv, sc, rope, block_table, cache_seqlens, metadata.tile_scheduler_metadata, metadata.num_splits,
-        out, lse, oacc, lacc, s_q, h_q, block_table.stride(0), lse.stride(0), lse.stride(1),
-        float(softmax_scale) * math.log2(math.e), **kw["mla_decode_split_kernel"])
+        out, lse, oacc, lacc, s_q, h_q, block_table.stride(0), lse.stride(0), lse.stride(1), num_blocks,
+        block_table.shape[1] * page, float(softmax_scale) * math.log2(math.e), **kw["mla_decode_split_kernel"])
     _dec.mla_decode_combine_kernel[(b, triton_cdiv(rows, _dec.COMBINE_BLOCK_R))](
         out, lse, oacc, lacc, metadata.num_splits, s_q, h_q, out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), **kw["mla_decode_combine_kernel"])
@@ -258,15 +256,19 @@ def triton_cdiv(a: int, b: int) -> int:
 def quantize_mla_cache_fp8(kv: torch.Tensor) -> torch.Tensor:
     """Pack float [..., 576] (512 latent + 64 rope) into the 656-byte FP8 token layout, uint8 [..., 656].
 
-    Each group of 128 latent values gets scale = max(amax, 1e-4) / 448 (fp32) and e4m3 values x / scale;
-    the rope key is stored as bf16.
+    Each group of 128 latent values gets scale = max(amax, 1e-4) / 448 (fp32) and e4m3 values x / scale; a NaN or
+    inf latent value is stored as e4m3 NaN and left out of the amax (act_quant's contract, as the kernels' cache
+    writes); the rope key is stored as bf16.
     """
     if kv.shape[-1] != D_QK or kv.dtype not in _FLOATS:
         raise ValueError(f"kv must be float [..., {D_QK}], got {kv.dtype} {tuple(kv.shape)}")
     lead = kv.shape[:-1]
     lat = kv[..., :D_LATENT].float().reshape(*lead, 4, 128)
+    finite = torch.isfinite(lat)
+    lat = torch.where(finite, lat, 0.0)
     scale = lat.abs().amax(-1).clamp_min(1e-4) / 448.0
-    q8 = (lat / scale[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn).reshape(*lead, D_LATENT)
+    q8 = torch.where(finite, (lat / scale[..., None]).clamp(-448, 448), float("nan"))
+    q8 = q8.to(torch.float8_e4m3fn).reshape(*lead, D_LATENT)
     out = torch.empty(*lead, FP8_TOKEN_BYTES, dtype=torch.uint8, device=kv.device)
     out[..., :D_LATENT] = q8.view(torch.uint8)
     out[..., D_LATENT:D_LATENT + 16] = scale.contiguous().view(torch.uint8).reshape(*lead, 16)
@@ -293,7 +295,7 @@ def paged_slots(block_table: torch.Tensor, seq_ids: torch.Tensor, positions: tor
     return (block_table[seq_ids.long(), pos // page_size].long() * page_size + pos % page_size).to(torch.int32)
 
 
-def _check_cache_target(kv_cache, slots, kv_format, tokens, device):
+def _check_cache_target(kv_cache, slots, kv_format, tokens, device, validate=None):
     if kv_format not in ("bf16", "fp8"):
         raise ValueError(f"kv_format must be 'bf16' or 'fp8', got {kv_format!r}")
     width = FP8_TOKEN_BYTES if kv_format == "fp8" else D_QK
@@ -307,19 +309,20 @@ def _check_cache_target(kv_cache, slots, kv_format, tokens, device):
         raise TypeError(f"slots must be int32 [{tokens}] (see paged_slots), got "
                         f"{None if slots is None else (slots.dtype, tuple(slots.shape))}")
     capacity = kv_cache.shape[0] * kv_cache.shape[1]
-    if tokens and _should_validate(None, device) and bool((slots >= capacity).any()):
+    if tokens and _should_validate(validate, device) and bool((slots >= capacity).any()):
         raise ValueError(f"slots beyond the cache's {capacity} token slots")
 
 
 def rope_norm_cache_write(kv_a, norm_weight, rope_table, positions, q_pe=None, *, eps=1e-6, kv_cache=None,
-                          slots=None, kv_format="bf16", config=None):
+                          slots=None, kv_format="bf16", config=None, validate=None):
     """RMSNorm the latent, rotate the rope key (and q_pe in place), optionally write both into the paged cache.
 
     kv_a: [T, 576] (wkv_a output: 512 latent | 64 rope key, last dim contiguous); norm_weight [512];
     rope_table: fp32 [max_pos, 32, 2] (cos, sin) as dskc.model.mla.precompute_rope; positions: int32 [T];
     q_pe: [T, H, 64] with unit last stride (e.g. q[..., 128:]), rotated in place; kv_cache (see module doc) with
     slots int32 [T] = page id * page + offset (negative: skip). Returns (latent [T, 512], k_pe [T, 64]) in
-    kv_a's dtype. RoPE pairs (x[2i], x[2i+1]); math in fp32.
+    kv_a's dtype. RoPE pairs (x[2i], x[2i+1]); math in fp32. validate: positions and slots are checked (one sync)
+    unless False or a CUDA graph is being captured (see the module docstring for what the kernel does unchecked).
     """
     if kv_a.dim() != 2 or kv_a.shape[1] != D_QK or kv_a.stride(1) != 1 or kv_a.dtype not in _FLOATS:
         raise ValueError(f"kv_a must be float [T, {D_QK}] with a unit last stride, got {kv_a.dtype} "
@@ -332,7 +335,7 @@ def rope_norm_cache_write(kv_a, norm_weight, rope_table, positions, q_pe=None, *
                         f"{tuple(rope_table.shape)}")
     if positions.dtype != torch.int32 or tuple(positions.shape) != (t,):
         raise TypeError(f"positions must be int32 [{t}]")
-    if t and _should_validate(None, positions.device) and bool(
+    if t and _should_validate(validate, positions.device) and bool(
             ((positions < 0) | (positions >= rope_table.shape[0])).any()):
         raise ValueError(f"positions outside the rope table's 0..{rope_table.shape[0] - 1}")
     if q_pe is not None and (q_pe.dim() != 3 or q_pe.shape[0] != t or q_pe.shape[2] != D_ROPE
@@ -341,7 +344,7 @@ def rope_norm_cache_write(kv_a, norm_weight, rope_table, positions, q_pe=None, *
                          f"{q_pe.dtype} {tuple(q_pe.shape)}")
     write = kv_cache is not None
     if write:
-        _check_cache_target(kv_cache, slots, kv_format, t, kv_a.device)
+        _check_cache_target(kv_cache, slots, kv_format, t, kv_a.device, validate)
     heads = q_pe.shape[1] if q_pe is not None else 0
     problem = _rope.Problem(t, heads, write and kv_format == "fp8", _dt(kv_a.dtype), write)
     cfg = _cfg.resolve(_rope.STEM, kv_a.device, config, problem)
@@ -357,7 +360,8 @@ def rope_norm_cache_write(kv_a, norm_weight, rope_table, positions, q_pe=None, *
         slots = positions
     _rope.mla_rope_norm_kernel[(triton_cdiv(t, cfg["BLOCK_T"]),)](
         kv_a, norm_weight, rope_table.contiguous(), positions, qp, lat, pe, slots, cache, sc, crope, t,
-        qp.shape[1], kv_a.stride(0), qp.stride(0), max(qp.stride(1), 1), float(eps),
+        qp.shape[1], kv_a.stride(0), qp.stride(0), max(qp.stride(1), 1), rope_table.shape[0],
+        kv_cache.shape[0] * kv_cache.shape[1] if write else 0, float(eps),
         **_rope.bind(problem, cfg)["mla_rope_norm_kernel"])
     return lat, pe
 
@@ -384,25 +388,34 @@ def _check_prefill(q, k, v, cu_q, cu_k):
             raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length")
         if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
             raise ValueError(f"{name} must rise from 0 to {total} tokens, got {cu.tolist()[:8]}...")
+    return int((cu_q[1:] - cu_q[:-1]).max()) if cu_q.numel() > 1 else 0
 
 
 def mla_prefill(q, k, v, cu_seqlens_q, softmax_scale, causal=True, *, cu_seqlens_k=None, max_seqlen_q=None,
-                kv_latent=None, k_rope=None, kv_cache=None, slots=None, kv_format="bf16", config=None):
+                kv_latent=None, k_rope=None, kv_cache=None, slots=None, kv_format="bf16", config=None, validate=None):
     """Non-absorbed MLA prefill: varlen attention with q/k width D_QK (e.g. 192 = 128 + 64) and v width D_V (128).
 
     q [T_q, H, D_QK], k [T_k, H, D_QK], v [T_k, H, D_V] (one float dtype, unit last stride); cu_seqlens_q/k int32
     [batch + 1] (k defaults to q's). causal: query i of a sequence sees keys [0, len_k - len_q + i].
     With kv_cache: the new tokens' kv_latent [T_q, 512] and k_rope [T_q, 64] (already normed / rotated, see
     rope_norm_cache_write) are written into the paged cache at int32 `slots` [T_q] in the same launch.
+    max_seqlen_q: the longest query sequence (computed from cu_seqlens_q when None); a larger value only adds
+    idle programs, a smaller one is refused (ValueError: it sizes the grid). validate: the cache slots are checked
+    as in rope_norm_cache_write.
     Returns out [T_q, H, D_V] in q's dtype and lse [T_q, H] fp32 (-inf where a row sees no key, out 0 there).
     """
     cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
-    _check_prefill(q, k, v, cu_seqlens_q, cu_k)
+    longest = _check_prefill(q, k, v, cu_seqlens_q, cu_k)
+    if max_seqlen_q is None:
+        max_seqlen_q = longest
+    elif not isinstance(max_seqlen_q, int) or max_seqlen_q < longest:
+        raise ValueError(f"max_seqlen_q={max_seqlen_q!r} must be an int >= the longest query sequence ({longest}): "
+                         f"it sizes the grid, and rows past it would be left unwritten")
     t_q, heads, d_qk = q.shape
     d_a, d_b = _pre.split_qk(d_qk)
     write = kv_cache is not None
     if write:
-        _check_cache_target(kv_cache, slots, kv_format, t_q, q.device)
+        _check_cache_target(kv_cache, slots, kv_format, t_q, q.device, validate)
         for name, x, w in (("kv_latent", kv_latent, D_LATENT), ("k_rope", k_rope, D_ROPE)):
             if x is None or x.dim() != 2 or tuple(x.shape) != (t_q, w) or x.stride(1) != 1:
                 raise ValueError(f"{name} must be [{t_q}, {w}] with a unit last stride when kv_cache is given")
@@ -410,8 +423,6 @@ def mla_prefill(q, k, v, cu_seqlens_q, softmax_scale, causal=True, *, cu_seqlens
     else:
         kv_latent = k_rope = cache = sc = crope = q
         slots = cu_seqlens_q
-    if max_seqlen_q is None:
-        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.numel() > 1 else 0
     out = torch.empty(t_q, heads, v.shape[2], dtype=q.dtype, device=q.device)
     lse = torch.empty(t_q, heads, dtype=torch.float32, device=q.device)
     batch = cu_seqlens_q.numel() - 1
@@ -424,6 +435,6 @@ def mla_prefill(q, k, v, cu_seqlens_q, softmax_scale, causal=True, *, cu_seqlens
     _pre.mla_prefill_kernel[grid](
         q, k, v, out, lse, cu_seqlens_q, cu_k, kv_latent, k_rope, slots, cache, sc, crope,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        lse.stride(0), kv_latent.stride(0), k_rope.stride(0), float(softmax_scale) * math.log2(math.e),
-        **_pre.bind(problem, cfg)["mla_prefill_kernel"])
+        lse.stride(0), kv_latent.stride(0), k_rope.stride(0), kv_cache.shape[0] * kv_cache.shape[1] if write else 0,
+        float(softmax_scale) * math.log2(math.e), **_pre.bind(problem, cfg)["mla_prefill_kernel"])
     return out, lse

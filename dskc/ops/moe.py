@@ -14,7 +14,9 @@ import triton
 
 from dskc import knobs
 from dskc.ops._moe_checks import FP8, _HALF, _config, _devices, _fail, _need_e4m3, _tensor
-from dskc.ops.grouped import grouped_gemm, grouped_gemm_contiguous, grouped_gemm_masked
+from dskc.ops._validate import should_validate
+from dskc.ops.grouped import _DT, grouped_gemm, grouped_gemm_contiguous, grouped_gemm_masked
+from dskc.templates.triton import grouped_gemm as _gg
 from dskc.templates.triton import moe_permute as _perm
 from dskc.templates.triton import moe_route as _route
 from dskc.templates.triton._problem import dtype_name as _dt
@@ -99,12 +101,15 @@ class MoeLayout:
 
 
 def moe_align(ids, n_experts: int, *, layout: str = "contiguous", align: int = 128, max_m: int | None = None,
-              config=None) -> MoeLayout:
+              config=None, validate=None) -> MoeLayout:
     """Sort the assignments ids [T, top_k] int32 by expert (stable in token order) into `layout`.
 
     contiguous: a static row space of round_up(T*top_k + E*(align-1), align) rows (no host sync: graph-safe).
-    masked: E blocks of max_m rows (default T; needs max_m >= T since a token picks an expert at most once;
-    a smaller max_m drops the overflowing assignments: their dest is -1).
+    masked: E blocks of max_m rows (default max(T, 1); needs max_m >= T since a token picks an expert at most
+    once; a smaller max_m drops the overflowing assignments: their dest is -1).
+    ids must lie in [0, E): validate (None = unless a CUDA graph is being captured; one host sync) refuses others
+    with ValueError; unchecked (validate=False), an assignment with an id outside [0, E) is dropped (dest -1, no
+    row, contributes nothing to moe_combine).
     """
     _tensor("ids", ids, (torch.int32,), ndim=2)
     _devices(ids=ids)
@@ -116,9 +121,11 @@ def moe_align(ids, n_experts: int, *, layout: str = "contiguous", align: int = 1
         _fail(f"align must be a power of two, got {align}")
     t, k = ids.shape
     masked = layout == "masked"
-    max_m = t if max_m is None else max_m
+    max_m = max(t, 1) if max_m is None else max_m
     if masked and max_m < 1:
         _fail(f"max_m must be >= 1, got {max_m}")
+    if ids.numel() and should_validate(validate, ids.device):
+        _validate_ids(ids, n_experts)
     cfg = _config(_perm, config, _perm.Problem(t, n_experts, k, 0, align, int(masked), 0, "none", 0), ids.device)
     n = t * k
     rows = n_experts * max_m if masked else _perm.row_space(n, n_experts, align)
@@ -141,6 +148,13 @@ def moe_align(ids, n_experts: int, *, layout: str = "contiguous", align: int = 1
         counts, starts, sorted_ids, m_idx, block_expert if block_expert is not None else m_idx, rows, max_m,
         **kw["moe_fill_rows_kernel"])
     return MoeLayout(layout, n_experts, k, align, max_m, dest, sorted_ids, m_idx, block_expert, counts, starts)
+
+
+def _validate_ids(ids, n_experts):
+    """Refuse expert ids outside [0, E) (one host sync)."""
+    outside = (ids < 0) | (ids >= n_experts)
+    if bool(outside.any()):
+        _fail(f"ids holds expert ids outside [0, n_experts={n_experts}), e.g. {ids[outside][:4].tolist()}")
 
 
 def moe_gather(x, layout: MoeLayout, weights, *, quant: bool, config=None):
@@ -235,10 +249,12 @@ def fused_moe(x, gate_weight, gate_bias, w13, w13_scale, w2, w2_scale, *, top_k,
         _fail(f"config['layout'] must be 'auto', 'contiguous' or 'masked', got {kind!r}")
     if kind == "auto":
         kind = "masked" if e * t <= _perm.row_space(t * top_k, e, align) else "contiguous"
+    _check_gemms(x, w13.dtype, e, e * t if kind == "masked" else _perm.row_space(t * top_k, e, align), i2 // 2,
+                 kind, align, shared, cfg)
     logits = x.float() @ gate_weight.float().t()
     weights, ids = moe_route(logits, gate_bias, top_k=top_k, n_groups=n_groups, n_limited_groups=n_limited_groups,
                              score_func=score_func, route_scale=route_scale, renorm=renorm, config=cfg.get("route"))
-    layout = moe_align(ids, e, layout=kind, align=align, max_m=t, config=cfg.get("permute"))
+    layout = moe_align(ids, e, layout=kind, align=align, max_m=t, config=cfg.get("permute"), validate=False)
     a, sa, rw = moe_gather(x, layout, weights, quant=fp8, config=cfg.get("permute"))
     if kind == "masked":
         a, sa, rw = a.view(e, t, d), (sa.view(e, t, -1) if fp8 else None), rw
@@ -250,6 +266,29 @@ def fused_moe(x, gate_weight, gate_bias, w13, w13_scale, w2, w2_scale, *, top_k,
     return moe_combine(y, layout, shared=shared_out, out_dtype=x.dtype, config=cfg.get("permute"))
 
 
+def _check_gemms(x, wdtype, e, rows, inter, kind, align, shared, cfg):
+    """The grouped GEMMs' configs must fit these widths (e.g. BLOCK_K | D): refused before any kernel runs."""
+    t, d = x.shape
+    fp8 = wdtype == FP8
+    dt, out = ("fp8" if fp8 else _DT[wdtype]), _DT[x.dtype]
+    up, h = ("swiglu_quant", "fp8") if fp8 else ("swiglu", dt)
+    per_id = align if kind == "contiguous" else 1
+    gemms = [(cfg.get("gemm1"), _gg.Problem(e, rows, inter, d, dt, kind, up, per_id, h, 1)),
+             (cfg.get("gemm2"), _gg.Problem(e, rows, d, inter, dt, kind, "weight", per_id, out, 0))]
+    if shared is not None:
+        i_s = shared["w1"].shape[0]
+        gemms += [(cfg.get("shared_gemm1", cfg.get("gemm1")), _gg.Problem(1, t, i_s, d, dt, "contiguous", up, 1, h)),
+                  (cfg.get("shared_gemm2", cfg.get("gemm2")), _gg.Problem(1, t, d, i_s, dt, "contiguous", "none", 1,
+                                                                          out))]
+    for j, (config, problem) in enumerate(gemms):
+        try:
+            block_m = _config(_gg, config, problem, x.device)["BLOCK_M"]
+        except ValueError as exc:
+            raise ValueError(f"fused_moe cannot run D={d}, I={inter} with {wdtype} experts: {exc}") from None
+        if j < 2 and kind == "contiguous" and align % block_m:
+            _fail(f"fused_moe's align={align} must be a multiple of gemm{j + 1}'s BLOCK_M={block_m}")
+
+
 def _mlp(a, sa, w1, s1, w3, s3, w2, s2, rw, maps, out_dtype, cfg1, cfg2):
     """w2(silu(w1 a) * w3 a) (* rw) through two grouped GEMMs; w3 None means w1 is the stacked [w1; w3]."""
     fp8 = sa is not None
@@ -258,10 +297,10 @@ def _mlp(a, sa, w1, s1, w3, s3, w2, s2, rw, maps, out_dtype, cfg1, cfg2):
     h = torch.empty(lead + (inter,), dtype=FP8 if fp8 else a.dtype, device=a.device)
     sh = torch.empty(lead + (inter // 128,), dtype=torch.float32, device=a.device) if fp8 else None
     grouped_gemm(a, sa, w1, s1, h, epilogue="swiglu_quant" if fp8 else "swiglu", out_scale=sh, b_up=w3,
-                 sb_up=s3, config=cfg1, **maps)
+                 sb_up=s3, config=cfg1, validate=False, **maps)
     y = torch.empty(lead + (w2.shape[1],), dtype=out_dtype, device=a.device)
     grouped_gemm(h, sh, w2, s2, y, epilogue="weight" if rw is not None else "none", row_weight=rw,
-                 config=cfg2, **maps)
+                 config=cfg2, validate=False, **maps)
     return y
 
 

@@ -29,14 +29,17 @@ def store_cache_rows(cache_ptr, sc_ptr, rope_ptr, slots, lat, rope, mask, FP8: t
 
     Dense: cache_ptr is the cache as rows of 576 elements (rope_ptr/sc_ptr unused).
     FP8: cache_ptr = the uint8 rows, sc_ptr = fp32 view + 128, rope_ptr = bf16 view + 264 of rows of 656 bytes; each
-    group of 128 latent values is stored as e4m3(x / s) with s = max(amax, 1e-4) / 448.
+    group of 128 latent values is stored as e4m3(x / s) with s = max(amax, 1e-4) / 448; a NaN / inf latent value
+    is stored as e4m3 NaN (0x7F) and left out of the amax (as act_quant), never as a finite byte.
     """
     slots = slots.to(tl.int64)
     if FP8:
         g = tl.reshape(lat, [lat.shape[0], 4, 128])
-        scale = tl.maximum(tl.max(tl.abs(g), 2), 1e-4) / FP8_MAX
-        q8 = tl.reshape(g / scale[:, :, None], [lat.shape[0], 512])
-        q8 = e4m3_bytes(tl.clamp(q8, -FP8_MAX, FP8_MAX))
+        finite = tl.abs(g) < float("inf")
+        scale = tl.maximum(tl.max(tl.where(finite, tl.abs(g), 0.0), 2), 1e-4) / FP8_MAX
+        q8 = tl.where(finite, g / scale[:, :, None], 0.0)
+        q8 = e4m3_bytes(tl.clamp(tl.reshape(q8, [lat.shape[0], 512]), -FP8_MAX, FP8_MAX))
+        q8 = tl.where(tl.reshape(finite, [lat.shape[0], 512]), q8, 0x7F).to(tl.uint8)
         tl.store(cache_ptr + slots[:, None] * FP8_TOK + tl.arange(0, DL)[None, :], q8, mask=mask[:, None])
         tl.store(sc_ptr + slots[:, None] * (FP8_TOK // 4) + tl.arange(0, 4)[None, :], scale, mask=mask[:, None])
         tl.store(rope_ptr + slots[:, None] * (FP8_TOK // 2) + tl.arange(0, DR)[None, :],

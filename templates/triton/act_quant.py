@@ -3,6 +3,10 @@
 For each row and each 128 columns: amax = max(|x|) clamped to >= 1e-4, s = amax / 448 (UE8M0 = 1 rounds s up to a
 power of two, DeepSeek-V3.1's "ue8m0" scale format), q = e4m3(x / s) (REFERENCE.md section 2). Scales are fp32
 [M, ceil(K/128)]; a partial last block is quantised on its own columns.
+Non-finite inputs: e4m3fn has no infinity, so a NaN or +-inf element becomes e4m3 NaN (0x7F) and never a finite
+value; the block's amax is taken over its finite elements, so the other elements quantise exactly as they would
+without it (DeepSeek's reference kernel keeps NaN elementwise the same way; a scale of inf, as an amax over an inf
+would give, would turn the whole block into NaN).
 
 Three kernels share the config (BLOCK_M rows per program, num_warps):
 - act_quant_kernel: x [M, K] -> (q, s). Grid (ceil(M/BLOCK_M), ceil(K/128)).
@@ -109,7 +113,9 @@ def e4m3_bits(y):
 
 @triton.jit
 def _quantize(x, UE8M0: tl.constexpr):
-    """Row-wise (q as e4m3 bits, s) of an fp32 [BLOCK_M, 128] tile."""
+    """Row-wise (q as e4m3 bits, s) of an fp32 [BLOCK_M, 128] tile; non-finite elements -> NaN, outside the amax."""
+    finite = tl.abs(x) < float("inf")
+    x = tl.where(finite, x, 0.0)
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)
     s = tl.div_rn(amax, 448.0)  # IEEE division: `/` lowers to div.full.f32 (2 ulp) on the GPU
     if UE8M0:  # round the scale up to a power of two, exactly (bit arithmetic, no log2)
@@ -117,7 +123,7 @@ def _quantize(x, UE8M0: tl.constexpr):
         expo = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
         s = (expo << 23).to(tl.float32, bitcast=True)
     y = tl.clamp(tl.div_rn(x, s[:, None]), -448.0, 448.0)
-    return e4m3_bits(y), s
+    return tl.where(finite, e4m3_bits(y), 0x7F).to(tl.uint8), s
 
 
 @triton.jit

@@ -12,6 +12,9 @@ Kernels:
   `mla_decode_combine_kernel` grid (batch, ceil(rows / BLOCK_R)): merges the partials of split batches; writes
       out = 0, lse = -inf for empty sequences (seqlen 0).
 Query rows are (s, h) flattened with h fastest; query row s sees keys [0, seqlen - s_q + s] when causal.
+Values outside the contract are confined, never read out of bounds (dskc.ops checks them with a sync, except while
+a CUDA graph is captured): a seqlen is clamped to [0, max_blocks * PAGE] and a token whose page id is outside
+[0, num_blocks) is skipped like one past the sequence.
 The 512 latent columns are handled as 4 chunks of 128 (matching the FP8 scale groups) so no tile needs 512 live
 columns of one operand at once.
 """
@@ -69,7 +72,8 @@ CONSTRAINTS = (
 # 64 query rows (what one sm_90 wgmma needs; rows past h_q*s_q are masked, cheap while the step is memory-bound)
 # x 32 keys, q.k in 64-wide chunks, value columns split in two across the grid (a 64 x 512 fp32 accumulator
 # alone would be 128 registers per thread). sm_90a, pointers 16-byte aligned as the JIT specializes them:
-# 207 registers (bf16 cache) / 240 (FP8 cache), no spills. 64 keys: 242 / 255 registers, FP8 spilled 44 bytes;
+# 222 registers (bf16 cache) / 246 (FP8 cache), no spills (207 / 243 before the page-id mask). 64 keys: 242 / 255
+# registers, FP8 spilled 44 bytes;
 # BLOCK_DV 512 spilled 336 bytes.
 DEFAULTS = {
     "sm80": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "BLOCK_DV": 256, "num_warps": 8, "num_stages": 1},
@@ -116,9 +120,11 @@ def _load_latent(kv_ptr, sc_ptr, row_off, sc_off, cols, n_mask, FP8: tl.constexp
     if FP8:
         # e4m3 bytes -> fp16 by moving the bits (sign to bit 15, exponent+mantissa up by 7) and scaling by 2^8 to
         # re-bias the exponent (7 -> 15); exact for normals and subnormals, and needs no fp8 type (sm_80 has none).
+        # e4m3fn's NaN (S.1111.111) is kept NaN, as torch's float8_e4m3fn reads the byte.
         raw = tl.load(kv_ptr + row_off[:, None] + cols[None, :], mask=n_mask[:, None], other=0).to(tl.uint16)
         bits = ((raw & 0x80) << 8) | ((raw & 0x7F) << 7)
         x = bits.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+        x = tl.where((raw & 0x7F) == 0x7F, float("nan"), x)
         scale = tl.load(sc_ptr + sc_off[:, None] + (cols // 128)[None, :], mask=n_mask[:, None], other=0.0)
         x = (x * scale).to(DTYPE)
     else:
@@ -128,9 +134,9 @@ def _load_latent(kv_ptr, sc_ptr, row_off, sc_off, cols, n_mask, FP8: tl.constexp
 
 @triton.jit
 def _tile_update(q_ptr, q_off, row_mask, kv_ptr, sc_ptr, rope_ptr, block_table_ptr, b, t0, seqlen, limit, dv0,
-                 m_i, l_i, acc, stride_bt, qk_scale, PAGE: tl.constexpr, TOK: tl.constexpr, SC_TOK: tl.constexpr,
-                 ROPE_TOK: tl.constexpr, FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_DV: tl.constexpr, DTYPE: tl.constexpr):
+                 m_i, l_i, acc, stride_bt, num_blocks, qk_scale, PAGE: tl.constexpr, TOK: tl.constexpr,
+                 SC_TOK: tl.constexpr, ROPE_TOK: tl.constexpr, FP8: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, DTYPE: tl.constexpr):
     """One BLOCK_N-token tile of online softmax (base-2 logits) for all rows of the program.
 
     q.k is summed over BLOCK_K-wide chunks (q chunks re-read, they stay in L1/L2) so that no 512-wide operand is
@@ -138,7 +144,9 @@ def _tile_update(q_ptr, q_off, row_mask, kv_ptr, sc_ptr, rope_ptr, block_table_p
     """
     t = t0 + tl.arange(0, BLOCK_N)
     n_mask = t < seqlen
-    page = tl.load(block_table_ptr + b * stride_bt + t // PAGE, mask=n_mask, other=0).to(tl.int64)
+    page = tl.load(block_table_ptr + b * stride_bt + t // PAGE, mask=n_mask, other=0)
+    n_mask = n_mask & (page >= 0) & (page < num_blocks)     # a page id outside the cache: token skipped
+    page = tl.where(n_mask, page, 0).to(tl.int64)
     tok = page * PAGE + (t % PAGE)
     row_off = tok * TOK
     sc_off = tok * SC_TOK
@@ -156,7 +164,7 @@ def _tile_update(q_ptr, q_off, row_mask, kv_ptr, sc_ptr, rope_ptr, block_table_p
         k_c = _load_latent(kv_ptr, sc_ptr, row_off, sc_off, cols, n_mask, FP8, DTYPE)
         s = tl.dot(q_c, tl.trans(k_c), s)
     s = s * qk_scale
-    s = tl.where(t[None, :] <= limit[:, None], s, float("-inf"))
+    s = tl.where(n_mask[None, :] & (t[None, :] <= limit[:, None]), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
@@ -171,7 +179,7 @@ def _tile_update(q_ptr, q_off, row_mask, kv_ptr, sc_ptr, rope_ptr, block_table_p
 def mla_decode_split_kernel(
         q_ptr, kv_ptr, sc_ptr, rope_ptr, block_table_ptr, seqlens_ptr, meta_ptr, cum_splits_ptr,
         out_ptr, lse_ptr, oacc_ptr, lacc_ptr,
-        S_Q, H_Q, stride_bt, stride_lb, stride_lh, qk_scale,
+        S_Q, H_Q, stride_bt, stride_lb, stride_lh, num_blocks, max_tok, qk_scale,
         PAGE: tl.constexpr, TOK: tl.constexpr, SC_TOK: tl.constexpr, ROPE_TOK: tl.constexpr,
         CAUSAL: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -198,9 +206,9 @@ def mla_decode_split_kernel(
     begin_split = tl.load(meta_ptr + part * 8 + 4)
     for i in range(0, end_b - begin_b + 1):
         b = begin_b + i
-        seqlen = tl.load(seqlens_ptr + b)
+        seqlen = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b), 0), max_tok)   # within the block table
         t_lo = tl.where(b == begin_b, begin_tile, 0)
-        t_hi = tl.where(b == end_b, end_tile, tl.cdiv(seqlen, BLOCK_N))
+        t_hi = tl.minimum(tl.where(b == end_b, end_tile, tl.cdiv(seqlen, BLOCK_N)), tl.cdiv(seqlen, BLOCK_N))
         if t_lo < t_hi:
             q_off = (b.to(tl.int64) * n_rows + rows) * _DQK
             if CAUSAL:
@@ -213,7 +221,7 @@ def mla_decode_split_kernel(
             for tile in range(t_lo, t_hi):
                 m_i, l_i, acc = _tile_update(
                     q_ptr, q_off, row_mask, kv_ptr, sc_ptr, rope_ptr, block_table_ptr, b, tile * BLOCK_N, seqlen, limit, dv0,
-                    m_i, l_i, acc, stride_bt, qk_scale, PAGE, TOK, SC_TOK, ROPE_TOK, FP8, BLOCK_N, BLOCK_K,
+                    m_i, l_i, acc, stride_bt, num_blocks, qk_scale, PAGE, TOK, SC_TOK, ROPE_TOK, FP8, BLOCK_N, BLOCK_K,
                     BLOCK_DV, DTYPE)
             empty = l_i == 0.0
             acc = acc * tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))[:, None]
@@ -287,7 +295,7 @@ def compile_specs(problem, config: dict) -> list[CompileSpec]:
         "q_ptr": dt, "kv_ptr": kv_t, "sc_ptr": sc_t, "rope_ptr": rope_t, "block_table_ptr": "*i32",
         "seqlens_ptr": "*i32", "meta_ptr": "*i32", "cum_splits_ptr": "*i32", "out_ptr": dt, "lse_ptr": "*fp32",
         "oacc_ptr": "*fp32", "lacc_ptr": "*fp32", "S_Q": "i32", "H_Q": "i32", "stride_bt": "i32",
-        "stride_lb": "i32", "stride_lh": "i32", "qk_scale": "fp32"},
+        "stride_lb": "i32", "stride_lh": "i32", "num_blocks": "i32", "max_tok": "i32", "qk_scale": "fp32"},
         "mla_decode_combine_kernel": {
         "out_ptr": dt, "lse_ptr": "*fp32", "oacc_ptr": "*fp32", "lacc_ptr": "*fp32", "cum_splits_ptr": "*i32",
         "S_Q": "i32", "H_Q": "i32", "stride_ob": "i32", "stride_os": "i32", "stride_oh": "i32", "stride_lb": "i32",

@@ -6,7 +6,8 @@ cu_q[b]..cu_q[b+1] and key tokens cu_k[b]..cu_k[b+1]; with `CAUSAL`, query i (of
 The q.k width D_QK = D_A + D_B is split into a power-of-two head (D_A) and tail (D_B, a power of two or 0):
 192 = 128 (nope) + 64 (rope). The value width D_V is a power of two.
 With WRITE_CACHE, the programs of head 0 also write their query tokens' latent kv (512) and rope key (64) into
-the paged cache at flat `slots` (negative: skip), in the dense or FP8 layout (templates/triton/_mla_common.py).
+the paged cache at flat `slots` (negative: skip; >= capacity, which dskc.ops refuses unless a CUDA graph is being
+captured: skipped too), in the dense or FP8 layout (templates/triton/_mla_common.py).
 Outputs: out [T_q, H, D_V] (q's dtype) and lse [T_q, H] fp32 (natural log; -inf for a row with no key).
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ class Problem(ProblemBase):
 SPACE = {"BLOCK_M": (32, 64, 128), "BLOCK_N": (32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)}
 CONSTRAINTS = ("BLOCK_M * BLOCK_N <= 8192",)
 # 8 warps: with 4 the 64 x 64 tile plus the 512-wide cache-write row spilled ~880 bytes on sm_90a; with 8, 237
-# registers and none (pointers 16-byte aligned, as the JIT specializes them).
+# registers and none (pointers 16-byte aligned, as the JIT specializes them); 210 since the slot-capacity mask.
 DEFAULTS = {
     "sm80": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
     "sm90": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
@@ -74,7 +75,7 @@ def split_qk(d_qk: int) -> tuple[int, int]:
 def mla_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
                        lat_ptr, krope_ptr, slots_ptr, cache_ptr, sc_ptr, crope_ptr,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                       stride_lt, stride_lat, stride_kr, qk_scale,
+                       stride_lt, stride_lat, stride_kr, capacity, qk_scale,
                        D_A: tl.constexpr, D_B: tl.constexpr, D_V: tl.constexpr, CAUSAL: tl.constexpr,
                        WRITE_CACHE: tl.constexpr, FP8: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -140,8 +141,8 @@ def mla_prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr
                 kr = tl.load(krope_ptr + tq[:, None] * stride_kr + tl.arange(0, DR)[None, :], mask=rmask[:, None],
                              other=0.0).to(tl.float32)
                 slots = tl.load(slots_ptr + tq, mask=rmask, other=-1)
-                store_cache_rows(cache_ptr, sc_ptr, crope_ptr, tl.maximum(slots, 0), lat, kr, rmask & (slots >= 0),
-                                 FP8)
+                ok = rmask & (slots >= 0) & (slots < capacity)
+                store_cache_rows(cache_ptr, sc_ptr, crope_ptr, tl.where(ok, slots, 0), lat, kr, ok, FP8)
 
 
 def compile_specs(problem, config: dict) -> list[CompileSpec]:
@@ -152,7 +153,7 @@ def compile_specs(problem, config: dict) -> list[CompileSpec]:
            "cu_k_ptr": "*i32", "lat_ptr": dt, "krope_ptr": dt, "slots_ptr": "*i32",
            "cache_ptr": "*u8" if fp8 else dt, "sc_ptr": "*fp32" if fp8 else dt, "crope_ptr": "*bf16" if fp8 else dt}
     for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot",
-                 "stride_oh", "stride_lt", "stride_lat", "stride_kr"):
+                 "stride_oh", "stride_lt", "stride_lat", "stride_kr", "capacity"):
         sig[name] = "i32"
     sig["qk_scale"] = "fp32"
     kw = bind(problem, config)["mla_prefill_kernel"]

@@ -5,6 +5,8 @@
   * k_pe   = rope(kv_a[:, 512:576], pos)                      -> pe_out [T, 64]
   * q_pe   = rope(q_pe, pos) in place for every head (q_pe [T, H, 64], any strides, e.g. a slice of q)
   * when WRITE_CACHE: latent and k_pe into the paged cache at flat slot `slots[t]` (< 0: not written).
+Out of range (checked by dskc.ops before the launch, except while a CUDA graph is captured): a slot >= CAPACITY is
+not written; a position outside [0, MAX_POS) reads no table entry and rotates to NaN (k_pe, q_pe, cache rope).
 RoPE rotates (x[2i], x[2i+1]) by angle pos * freq[i]: the table is [max_pos, 32, 2] = (cos, sin), YaRN already
 folded into the frequencies (the model's precompute_rope).
 """
@@ -70,7 +72,7 @@ def _rotate(even, odd, cos, sin):
 
 @triton.jit
 def mla_rope_norm_kernel(kv_a_ptr, weight_ptr, rope_tab_ptr, pos_ptr, q_ptr, kv_out_ptr, pe_out_ptr, slots_ptr,
-                         cache_ptr, sc_ptr, crope_ptr, T, H, stride_kv_t, stride_qt, stride_qh, eps,
+                         cache_ptr, sc_ptr, crope_ptr, T, H, stride_kv_t, stride_qt, stride_qh, max_pos, capacity, eps,
                          BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_CACHE: tl.constexpr,
                          FP8: tl.constexpr):
     """See the module docstring."""
@@ -85,10 +87,13 @@ def mla_rope_norm_kernel(kv_a_ptr, weight_ptr, rope_tab_ptr, pos_ptr, q_ptr, kv_
     lat = x * rstd[:, None] * w[None, :]
     tl.store(kv_out_ptr + tok64[:, None] * 512 + cols[None, :], lat.to(kv_out_ptr.dtype.element_ty),
              mask=tmask[:, None])
-    pos = tl.load(pos_ptr + tok, mask=tmask, other=0).to(tl.int64)
+    pos = tl.load(pos_ptr + tok, mask=tmask, other=0)
+    pos_ok = (pos >= 0) & (pos < max_pos)
+    pos = tl.where(pos_ok, pos, 0).to(tl.int64)
     i = tl.arange(0, 32)
-    cos = tl.load(rope_tab_ptr + pos[:, None] * 64 + 2 * i[None, :], mask=tmask[:, None], other=1.0)
-    sin = tl.load(rope_tab_ptr + pos[:, None] * 64 + 2 * i[None, :] + 1, mask=tmask[:, None], other=0.0)
+    tab = (tmask & pos_ok)[:, None]
+    cos = tl.load(rope_tab_ptr + pos[:, None] * 64 + 2 * i[None, :], mask=tab, other=float("nan"))
+    sin = tl.load(rope_tab_ptr + pos[:, None] * 64 + 2 * i[None, :] + 1, mask=tab, other=float("nan"))
     pe = kv_a_ptr + tok64[:, None] * stride_kv_t + 512 + 2 * i[None, :]
     ke, ko = _rotate(tl.load(pe, mask=tmask[:, None], other=0.0).to(tl.float32),
                      tl.load(pe + 1, mask=tmask[:, None], other=0.0).to(tl.float32), cos, sin)
@@ -99,7 +104,8 @@ def mla_rope_norm_kernel(kv_a_ptr, weight_ptr, rope_tab_ptr, pos_ptr, q_ptr, kv_
         slots = tl.load(slots_ptr + tok, mask=tmask, other=-1)
         # interleave the rotated pairs back into 64 columns for the cache row
         k_pe = tl.reshape(tl.join(ke, ko), [BLOCK_T, 64])
-        store_cache_rows(cache_ptr, sc_ptr, crope_ptr, tl.maximum(slots, 0), lat, k_pe, tmask & (slots >= 0), FP8)
+        ok = tmask & (slots >= 0) & (slots < capacity)
+        store_cache_rows(cache_ptr, sc_ptr, crope_ptr, tl.where(ok, slots, 0), lat, k_pe, ok, FP8)
     for h0 in range(0, H, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
         m = tmask[:, None, None] & (h < H)[None, :, None]
@@ -118,7 +124,7 @@ def compile_specs(problem, config: dict) -> list[CompileSpec]:
     sig = {"kv_a_ptr": dt, "weight_ptr": dt, "rope_tab_ptr": "*fp32", "pos_ptr": "*i32", "q_ptr": dt,
            "kv_out_ptr": dt, "pe_out_ptr": dt, "slots_ptr": "*i32", "cache_ptr": cache[0], "sc_ptr": cache[1],
            "crope_ptr": cache[2], "T": "i32", "H": "i32", "stride_kv_t": "i32", "stride_qt": "i32",
-           "stride_qh": "i32", "eps": "fp32"}
+           "stride_qh": "i32", "max_pos": "i32", "capacity": "i32", "eps": "fp32"}
     kw = bind(problem, config)["mla_rope_norm_kernel"]
     consts = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
     sig.update({k: "constexpr" for k in consts})

@@ -11,12 +11,15 @@ Kernels (all deterministic; no atomics anywhere):
                           masked (MASKED = 1): start_e = e * M_MAX, counts = masked_m ([E, M_MAX, K] layout).
   moe_scatter_kernel    one program per chunk: rank of each assignment inside its expert (chunk base + in-chunk
                         prefix: a stable sort, token order kept), dest = start + rank, sorted_ids[dest] = assignment.
+                        An assignment whose id is outside [0, E) is counted nowhere and gets dest = -1 (dropped:
+                        no row, nothing combined), so it can never share a row with another assignment.
                         (A single-program version took 2 x A / BLOCK_A dependent steps: ~1000 for T = 4096, top-8.)
   moe_fill_rows_kernel  one program per BLOCK_R rows: m_indices[row] = expert or -1 (padding; DeepGEMM's contiguous
                         layout), block_expert[row / ALIGN] = expert or -1 (empty block), sorted_ids[row] = -1 on
                         padding rows.
   moe_gather_kernel     a[row] = x[sorted_ids[row] // top_k] (QUANT = 1: quantised on the fly to e4m3 with one
-                        fp32 scale per 128 channels, amax clamped to 1e-4, scale = amax / 448), and
+                        fp32 scale per 128 channels, amax clamped to 1e-4, scale = amax / 448; a NaN / inf
+                        element becomes e4m3 NaN and stays out of the amax, as in act_quant), and
                         row_weight[row] = routing weight of that assignment. Padding rows are not written.
   moe_combine_kernel    out[t] = sum_j y[dest[t * top_k + j]] (+ shared[t]), summed in fp32 in a fixed j order.
 """
@@ -147,17 +150,20 @@ def compile_specs(problem, config: dict) -> list[CompileSpec]:
 
 
 @triton.jit
-def _one_hot(ids_ptr, a0, A, BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr):
-    """[BLOCK_A, BLOCK_E] int32: 1 where assignment a0 + i goes to expert j (rows past A are all zero)."""
+def _one_hot(ids_ptr, a0, A, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr):
+    """([BLOCK_A, BLOCK_E] int32: 1 where assignment a0 + i goes to expert j, [BLOCK_A] whether its id is in
+    [0, E)). Rows past A and ids outside [0, E) are all zero (dropped)."""
     offs = a0 + tl.arange(0, BLOCK_A)
     ids = tl.load(ids_ptr + offs, mask=offs < A, other=-1)
-    return (ids[:, None] == tl.arange(0, BLOCK_E)[None, :]).to(tl.int32)
+    valid = (ids >= 0) & (ids < E)
+    ids = tl.where(valid, ids, -1)
+    return (ids[:, None] == tl.arange(0, BLOCK_E)[None, :]).to(tl.int32), valid
 
 
 @triton.jit
 def moe_count_kernel(ids_ptr, chunk_ptr, A, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr):
     c = tl.program_id(0)
-    hot = _one_hot(ids_ptr, c * BLOCK_A, A, BLOCK_E, BLOCK_A)
+    hot, _ = _one_hot(ids_ptr, c * BLOCK_A, A, E, BLOCK_E, BLOCK_A)
     tl.store(chunk_ptr + c * BLOCK_E + tl.arange(0, BLOCK_E), tl.sum(hot, 0))
 
 
@@ -190,13 +196,13 @@ def moe_scatter_kernel(ids_ptr, base_ptr, starts_ptr, dest_ptr, sorted_ptr, A, M
     ecols = tl.arange(0, BLOCK_E)
     offs = c * BLOCK_A + tl.arange(0, BLOCK_A)
     amask = offs < A
-    hot = _one_hot(ids_ptr, c * BLOCK_A, A, BLOCK_E, BLOCK_A)
+    hot, valid = _one_hot(ids_ptr, c * BLOCK_A, A, E, BLOCK_E, BLOCK_A)
     base = tl.load(base_ptr + c * BLOCK_E + ecols)              # same-expert assignments in earlier chunks
     starts = tl.load(starts_ptr + ecols, mask=ecols < E, other=0)
     before = tl.cumsum(hot, 0) - hot                            # ... and earlier in this chunk
     rank = tl.sum(hot * (before + base[None, :]), 1)
     dest = tl.sum(hot * starts[None, :], 1) + rank
-    ok = amask
+    ok = amask & valid                    # an id outside [0, E) has no expert: dropped, dest -1
     if MASKED:
         ok = ok & (rank < M_MAX)
     tl.store(dest_ptr + offs, tl.where(ok, dest, -1), mask=amask)
@@ -246,9 +252,10 @@ def moe_gather_kernel(x_ptr, sorted_ptr, w_ptr, a_ptr, sa_ptr, rw_ptr, R, D, TOP
     if QUANT:
         G: tl.constexpr = BLOCK_N // 128
         vg = tl.reshape(v.to(tl.float32), [ROWS, G, 128])
-        amax = tl.maximum(tl.max(tl.abs(vg), 2), 1e-4)
+        finite = tl.abs(vg) < float("inf")      # as act_quant: non-finite -> NaN, left out of the amax
+        amax = tl.maximum(tl.max(tl.where(finite, tl.abs(vg), 0.0), 2), 1e-4)
         scale = amax / 448.0
-        q = tl.reshape(vg / scale[:, :, None], [ROWS, BLOCK_N])
+        q = tl.reshape(tl.where(finite, vg / scale[:, :, None], float("nan")), [ROWS, BLOCK_N])
         tl.store(dst, to_e4m3(q, a_ptr.dtype.element_ty, INTERP_FIX), mask=ok[:, None] & cmask[None, :])
         groups = pid_n * G + tl.arange(0, G)
         n_groups = D // 128

@@ -15,6 +15,11 @@ Ties: every selection takes the LOWEST index among exactly equal values (expert 
 groups). That is what a stable descending sort picks; torch.topk gives the same on inputs without exact ties (the
 random inputs of the tests) and does not document its choice on exact ties.
 
+Non-finite values: a NaN selection score (or group score) ranks below -inf; each pick is taken among the experts
+(groups) not yet picked, so the ids are always TOP_K distinct experts of [0, E) from the kept groups, whatever the
+logits (a row of NaN picks the lowest indices). Weights follow the arithmetic: softmax of a row holding NaN, +inf or
+only -inf is NaN, as torch.softmax gives; a NaN weight never leaves its token.
+
 One program handles BLOCK_T tokens with all E experts in registers (E padded to BLOCK_E, a power of two); each of
 the N_GROUPS group scores, N_LIMITED group picks and TOP_K expert picks is one masked max/min reduction over the
 row, unrolled at compile time (E = 256, TOP_K = 8, 8 groups: 8 + 4 + 8 reductions per row).
@@ -113,33 +118,43 @@ def compile_specs(problem, config: dict) -> list[CompileSpec]:
 
 
 @triton.jit
-def _first_max(v, cols, BIG: tl.constexpr):
-    """Per row: the max of v [R, C] and the lowest column index holding it."""
-    m = tl.max(v, 1)
-    idx = tl.min(tl.where(v == m[:, None], cols[None, :], BIG), 1)
+def _first_max(v, avail, cols, BIG: tl.constexpr):
+    """Per row: the max of v [R, C] (no NaN) over the `avail` columns and the lowest such column holding it.
+
+    Every row must have an available column; an available -inf is picked like any value (never a column outside
+    `avail`: the ids stay in range and distinct when the scores run out)."""
+    m = tl.max(tl.where(avail, v, float("-inf")), 1)
+    idx = tl.min(tl.where(avail & (v == m[:, None]), cols[None, :], BIG), 1)
     return m, idx
+
+
+@triton.jit
+def _no_nan(v):
+    """NaN -> -inf: a NaN score ranks below every number (and compares equal to itself for the picks)."""
+    return tl.where(v == v, v, float("-inf"))
 
 
 @triton.jit
 def _limit_groups(sel, cols, E: tl.constexpr, BLOCK_E: tl.constexpr, N_GROUPS: tl.constexpr,
                   N_LIMITED: tl.constexpr, BLOCK_G: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Set `sel` to -inf outside the N_LIMITED best groups of each row."""
+    """[R, BLOCK_E] mask of the experts in the N_LIMITED best groups of each row (sel: no NaN)."""
     GS: tl.constexpr = E // N_GROUPS
     grp = cols // GS
     gcols = tl.arange(0, BLOCK_G)
     gscore = tl.full([sel.shape[0], BLOCK_G], float("-inf"), tl.float32)
     for g in tl.static_range(N_GROUPS):
-        v = tl.where((grp == g)[None, :], sel, float("-inf"))
-        m, idx = _first_max(v, cols, BLOCK_E)
-        if HAS_BIAS:  # top-2 sum: drop the first max once, take the max again
-            m = m + tl.max(tl.where(cols[None, :] == idx[:, None], float("-inf"), v), 1)
+        ing = (grp == g)[None, :]
+        m, idx = _first_max(sel, ing, cols, BLOCK_E)
+        if HAS_BIAS:  # top-2 sum: drop the first max once, take the max again (+inf + -inf is NaN: ranks last)
+            m = _no_nan(m + tl.max(tl.where(ing & (cols[None, :] != idx[:, None]), sel, float("-inf")), 1))
         gscore = tl.where(gcols[None, :] == g, m[:, None], gscore)
+    gfree = tl.zeros(gscore.shape, tl.int1) | (gcols < N_GROUPS)[None, :]
     keep = tl.zeros(sel.shape, tl.int1)
     for j in tl.static_range(N_LIMITED):
-        gm, gi = _first_max(gscore, gcols, BLOCK_G)
+        gm, gi = _first_max(gscore, gfree, gcols, BLOCK_G)
         keep = keep | (grp[None, :] == gi[:, None])
-        gscore = tl.where(gcols[None, :] == gi[:, None], float("-inf"), gscore)
-    return tl.where(keep, sel, float("-inf"))
+        gfree = gfree & (gcols[None, :] != gi[:, None])
+    return keep
 
 
 @triton.jit
@@ -162,19 +177,20 @@ def moe_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, T, route_scale,
     sel = scores
     if HAS_BIAS:
         sel = scores + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
-    sel = tl.where(cmask[None, :], sel, float("-inf"))
+    sel = _no_nan(sel)
+    free = tl.zeros([BLOCK_T, BLOCK_E], tl.int1) | cmask[None, :]   # experts still to pick from
     if N_GROUPS > 1:
-        sel = _limit_groups(sel, cols, E, BLOCK_E, N_GROUPS, N_LIMITED, BLOCK_G, HAS_BIAS)
+        free = free & _limit_groups(sel, cols, E, BLOCK_E, N_GROUPS, N_LIMITED, BLOCK_G, HAS_BIAS)
     kcols = tl.arange(0, BLOCK_K)
     wts = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
     ids = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
     for j in tl.static_range(TOP_K):
-        m, idx = _first_max(sel, cols, BLOCK_E)
+        m, idx = _first_max(sel, free, cols, BLOCK_E)
         hit = cols[None, :] == idx[:, None]
         w = tl.sum(tl.where(hit, scores, 0.0), 1)
         wts = tl.where(kcols[None, :] == j, w[:, None], wts)
         ids = tl.where(kcols[None, :] == j, idx[:, None], ids)
-        sel = tl.where(hit, float("-inf"), sel)
+        free = free & ~hit
     if RENORM:
         wts = wts / tl.sum(wts, 1)[:, None]
     wts = wts * route_scale

@@ -1,8 +1,8 @@
 """Cross-compiled reports of the MoE stems' default configs (no GPU needed): tensor cores, no spills.
 
 Figures (triton 3.9, E=8, M=4096, DeepSeek-V3's (N, K) = (2048, 7168) for w13 and (7168, 2048) for w2), recorded
-in templates/triton/grouped_gemm.py: fp8 SwiGLU+quant 254 registers QGMMA on sm_90a, 218 UTCQMMA on sm_100a;
-bf16 SwiGLU 167 HGMMA; moe_route (E=256, top-8 of 4/8 groups) 72 registers; moe_permute kernels <= 128.
+in templates/triton/grouped_gemm.py: fp8 SwiGLU+quant 220 registers QGMMA on sm_90a, 234 UTCQMMA on sm_100a;
+bf16 SwiGLU 197 HGMMA; moe_route (E=256, top-8 of 4/8 groups) 64 registers; moe_permute kernels <= 128.
 """
 import pytest
 
