@@ -49,7 +49,7 @@ def activations(draw, min_k=0, even=False):
         x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
         expect = ValueError if x.numel() and x.shape[-1] > 1 and x.stride(-1) != 1 else None
     elif layout == "interleaved":                          # every other element: last stride 2
-        if draw(st.booleans()):
+        if not even and draw(st.booleans()):
             x = x[..., :1].contiguous()                    # ... of a size-1 last dim: stride irrelevant, allowed
         x = torch.stack([x, x], -1)[..., 0]
         expect = ValueError if x.numel() and x.shape[-1] > 1 else None   # a size-1 last dim has any stride
