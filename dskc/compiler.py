@@ -97,7 +97,8 @@ def _context(model: nn.Module, graph: Graph, runs_on: str, options: Options = Op
     """What selection needs to know of the model beyond the IR: dtype, cache capacity, shared experts' widths."""
     args = getattr(model, "args", None)
     shared = tuple((n.name, n.attr("shared_inter")) for n in graph.by_op(Op.MOE) if n.attr("shared_inter"))
-    return Context(_act_dtype(model, options), runs_on, getattr(args, "max_seq_len", 4096), shared)
+    return Context(_act_dtype(model, options), runs_on, getattr(args, "max_seq_len", 4096), shared,
+                   model_act=_NAMES.get(model_dtype(model), ""))
 
 
 def default_tokens(model: nn.Module) -> tuple:
@@ -243,7 +244,8 @@ def _kernel_module(node, src: nn.Module, model: nn.Module, options: Options, cut
 
     kd, quantize = dot_dtype(compute_dtype(model, options)), node.attr("quantized") == "ahead"
     if node.op in (Op.LINEAR, Op.FP8_LINEAR):
-        return KernelLinear(layouts.linear(src, quantize, kd), node, cutlass=cutlass, table=table)
+        norm = model.get_submodule(node.attr("norm")) if node.attr("norm") else None
+        return KernelLinear(layouts.linear(src, quantize, kd), node, cutlass=cutlass, table=table, norm=norm)
     if node.op is Op.BLOCK:   # wraps its parts, already kernel modules; a block with nothing fused stays as it is
         return KernelBlock(src, node, table) if node.attr("attn_norm") or node.attr("ffn_norm") else None
     if node.op is Op.MLA and node.attr("rope_layout") in (None, "dskc"):
@@ -292,6 +294,16 @@ class CompiledModel(nn.Module):
         """regions() as a table."""
         from dskc.explain import region_table
         return region_table(self.regions())
+
+
+def _link_runtime(module: nn.Module) -> None:
+    """What the kernel modules share at run time: the MLA regions' per-step state (dskc.runtime.mla), and norms
+    their consumers apply (dskc.runtime.modules.fuse_norms)."""
+    from dskc.runtime.mla import share_step_state
+    from dskc.runtime.modules import fuse_norms
+
+    share_step_state(module)
+    fuse_norms(module)
 
 
 def _attach_decode_graphs(module: nn.Module) -> None:
@@ -391,6 +403,7 @@ def compile(model: nn.Module, target="auto", *, options: Options = Options(), bu
             _set_module(module, node.name, new)
     for region, reason in p.fallbacks:
         log.warning("dskc: fallback for %s: %s", region, reason)
+    _link_runtime(module)
     if cuda_graphs and torch.cuda.is_available():
         _attach_decode_graphs(module)
     return CompiledModel(module, p)

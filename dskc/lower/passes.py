@@ -87,14 +87,19 @@ def _fuse_attn_norm(g: Graph, block: Node) -> Graph:
                                              attn_inputs="+".join(p.name.rpartition(".")[2] for p in projs)))
 
 
+# the ffn's kind -> (the fused norm kernel it takes, where the block's second residual add runs)
+FFN_NORM = {Op.MLP: ("add_rmsnorm_act_quant", "down"), Op.MOE: ("add_rmsnorm_act_quant_normed", "combine")}
+
+
 def _fuse_ffn_norm(g: Graph, block: Node) -> Graph:
     names = {n.name: n for n in g.nodes}
     norm, ffn = names[f"{block.name}.ffn_norm"], names[f"{block.name}.ffn"]
-    if ffn.op is not Op.MLP or ffn.dtype != "fp8":
+    if ffn.op not in FFN_NORM or ffn.dtype != "fp8":
         return g
+    prologue, residual = FFN_NORM[ffn.op]
     g = g.replace(norm, norm.with_attrs(fused_into=ffn.name, epilogue="act_quant", residual="add"))
-    g = g.replace(ffn, ffn.with_attrs(prologue="add_rmsnorm_act_quant"))
-    return g.replace(block, block.with_attrs(ffn_norm="add_rmsnorm_act_quant"))
+    g = g.replace(ffn, ffn.with_attrs(prologue=prologue, residual=residual))
+    return g.replace(block, block.with_attrs(ffn_norm=prologue))
 
 
 def fuse_block_norms(g: Graph, opt: Options) -> Graph:
@@ -103,12 +108,11 @@ def fuse_block_norms(g: Graph, opt: Options) -> Graph:
     attn_norm (when MLA's wq_a / wq and wkv_a are FP8): one rmsnorm_act_quant feeds both projections, run as one
     FP8 GEMM over the stacked [wq_a; wkv_a] (block scales stack along N when wq_a's width is a multiple of 128; else
     two GEMMs on the same (q, s)). The projections are marked fused_into the block, which lists their kernels.
-    ffn_norm (when the ffn is an FP8 dense MLP): the residual add of the attention output, the norm and the
-    quantisation run as one rmsnorm_act_quant(..., residual=x) feeding the MLP's [w1|w3] GEMM.
-    MoE blocks keep ffn_norm unfused: the gate (routing scores) and fused_moe (which quantises its input itself)
-    need the un-quantised normed x, which rmsnorm_act_quant never writes. Serving them would take a kernel variant
-    that also writes the bf16 normed x and a fused_moe entry taking (q, s) beside it; until then a fused act_quant
-    there would be an extra pass, not one saved. Non-FP8 consumers keep both norms as they are.
+    ffn_norm (when the ffn is FP8): the residual add of the attention output, the norm and the quantisation run as
+    one rmsnorm_act_quant(..., residual=x) feeding a dense MLP's [w1|w3] GEMM, with the block's second residual add
+    in the epilogue of its w2 GEMM (residual="down"); for a MoE the same kernel also writes the normed x the gate
+    reads (normed=...), the experts read its quantisation, and the second residual add runs in the combine
+    (residual="combine"). Non-FP8 consumers keep both norms as they are.
     """
     if not opt.fuse_block_norms:
         return g
@@ -136,6 +140,65 @@ def fuse_rope_cache_write(g: Graph, opt: Options) -> Graph:
     return g
 
 
+# (final norm, LM head) of the model families whose forward is head(norm(h)).float(): the head computes the norm of
+# the rows it takes (the last position's) itself and writes fp32 logits
+LM_HEADS = (("norm", "head"),)
+
+
+def fuse_head_norm(g: Graph, opt: Options) -> Graph:
+    """The final RMSNorm inside the LM head's launch pair: the norm kernel writes the normed rows in the GEMM's
+    operand dtype (or, for an FP8 head, their 1x128 quantisation) and the head's GEMM writes the fp32 logits the
+    model returns (no separate norm pass over every position, no cast of the logits)."""
+    names = {n.name: n for n in g.nodes}
+    for norm_name, head_name in LM_HEADS:
+        norm, head = names.get(norm_name), names.get(head_name)
+        if norm is None or head is None or norm.op is not Op.RMSNORM or norm.attr("fused_into") \
+                or head.op not in (Op.LINEAR, Op.FP8_LINEAR) or head.attr("prologue"):
+            continue
+        g = g.replace(norm, norm.with_attrs(fused_into=head.name, epilogue="head"))
+        prologue = "rmsnorm_act_quant" if head.op is Op.FP8_LINEAR else "rmsnorm"
+        g = g.replace(head, head.with_attrs(prologue=prologue, norm=norm.name, logits="fp32"))
+    return g
+
+
+def _absorb_kernels_serve(mla: Node) -> bool:
+    """mla_absorb's shapes: a no-rope query width of whole 16s, and values of 64 (pairs of heads) or whole 128s."""
+    v, heads, nope = mla.attr("v_dim"), mla.attr("heads"), mla.attr("nope")
+    return nope % 16 == 0 and nope <= 256 and ((v == 64 and heads % 2 == 0) or v % 128 == 0)
+
+
+def _own_mlas(g: Graph) -> list:
+    """dskc's own MLA regions (dskc.runtime.mla.KernelMLA); transformers' (dskc.runtime.foreign) keep RoPE, norm and
+    the absorption in PyTorch and compute their split schedule per call."""
+    return [n for n in g.by_op(Op.MLA) if n.attr("rope_layout") in (None, "dskc")]
+
+
+def fuse_mla_absorb(g: Graph, opt: Options) -> Graph:
+    """Absorbed MLA's wkv_b products as kernels writing where the next kernel reads: W_UK into the 576-wide query
+    with the query's RoPE (no concatenation, no copy), W_UV with wo's 1x128 FP8 quantisation (wo's GEMM takes the
+    quantised rows; its own act_quant no longer runs)."""
+    names = {n.name: n for n in g.nodes}
+    for n in _own_mlas(g):
+        if n.attr("attn_impl") != "absorb" or not _absorb_kernels_serve(n):
+            continue
+        wo = names.get(f"{n.name}.wo")
+        quant = wo is not None and wo.op is Op.FP8_LINEAR
+        g = g.replace(n, n.with_attrs(absorb="q+o kernels", absorb_quant=quant))
+        if quant:
+            g = g.replace(wo, wo.with_attrs(prologue="mla_absorb_o"))
+    return g
+
+
+def share_step_state(g: Graph, opt: Options) -> Graph:
+    """Per-step MLA state (each new token's rope row and cache slot, the sequence lengths and mla_decode's split
+    schedule) is the same in every layer: the first MLA region computes it once per step (one mla_step launch) and
+    the others reuse it (dskc.runtime.mla.share_step_state links their modules)."""
+    mlas = _own_mlas(g)
+    for i, n in enumerate(mlas):
+        g = g.replace(n, n.with_attrs(step_state="owner" if i == 0 else "shared", step_owner=mlas[0].name))
+    return g
+
+
 PASSES: tuple[tuple[str, Callable[[Graph, Options], Graph]], ...] = (
     ("absorb_mla", absorb_mla),
     ("quantize_weights", quantize_weights),
@@ -143,6 +206,9 @@ PASSES: tuple[tuple[str, Callable[[Graph, Options], Graph]], ...] = (
     ("fuse_block_norms", fuse_block_norms),
     ("fuse_moe_epilogues", fuse_moe_epilogues),
     ("fuse_rope_cache_write", fuse_rope_cache_write),
+    ("fuse_mla_absorb", fuse_mla_absorb),
+    ("fuse_head_norm", fuse_head_norm),
+    ("share_step_state", share_step_state),
 )
 
 

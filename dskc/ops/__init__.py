@@ -1,13 +1,13 @@
 """dskc.ops: the public kernel API. Each function states its contract and checks its inputs before launching.
 
 The MoE kernels live in `dskc.ops.moe` (its grouped GEMM in `dskc.ops.grouped`), the FP8 GEMM and activation
-quantisation in `dskc.ops.fp8`, the MLA kernels in `dskc.ops.mla`; this module re-exports their public names.
+quantisation in `dskc.ops.fp8`, the MLA kernels in `dskc.ops.mla` (its per-step state in `dskc.ops.mla_state`); this module re-exports their public names.
 """
 from __future__ import annotations
 
 import importlib
 
-_SUBMODULES = ("fp8", "moe", "grouped", "mla")
+_SUBMODULES = ("fp8", "moe", "grouped", "mla", "mla_state")
 
 
 def __getattr__(name):

@@ -19,7 +19,7 @@ from dskc.templates.triton import bf16_gemm as _bf16
 from dskc.templates.triton import fp8_gemm as _fp8
 from dskc.templates.triton._problem import dtype_name as _dt
 
-__all__ = ["act_quant", "rmsnorm_act_quant", "silu_mul_act_quant", "fp8_gemm", "bf16_gemm"]
+__all__ = ["act_quant", "rmsnorm_act_quant", "rmsnorm", "silu_mul_act_quant", "fp8_gemm", "bf16_gemm"]
 
 BLOCK = 128
 FP8 = torch.float8_e4m3fn
@@ -101,15 +101,60 @@ def act_quant(x: torch.Tensor, block: int = BLOCK, ue8m0: bool = False, config: 
 
 
 def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
-                      ue8m0: bool = False, config: dict | None = None):
+                      ue8m0: bool = False, config: dict | None = None, normed: torch.dtype | None = None):
     """RMSNorm then 1x128 e4m3 quantisation, optionally after a residual add (vLLM's fused_add_rms_norm).
 
     x [..., K] and residual (same shape and dtype) bf16/fp16/fp32; weight [K] of x's dtype.
     h = x + residual (rounded to the dtype); y = h * rsqrt(mean(h^2) + eps) * weight, rounded to x's dtype (what
     the unfused model would feed its Linear), then quantised as in `act_quant`.
-    Returns (q, s) without residual, (q, s, h) with it: h is the new residual stream (the normed bf16 tensor itself
-    is never materialised).
+    Returns (q, s) without residual, (q, s, h) with it: h is the new residual stream. normed (a float dtype, with a
+    residual only): also return y itself in that dtype, (q, s, h, y): a consumer that needs the normed x unquantised
+    (a MoE gate beside the FP8 experts) reads it from the same pass.
     """
+    _check_norm(x, weight, eps, residual)
+    if normed is not None and (residual is None or normed not in _ACT_DTYPES):
+        raise ValueError(f"normed must be a float dtype, given with a residual (got {normed})")
+    device = _same_device(x=x, weight=weight, residual=residual)
+    x2 = _rows("x", x)
+    op = ("add_rmsnorm_normed" if normed is not None else "add_rmsnorm") if residual is not None else "rmsnorm"
+    cfg = _cfg.resolve("act_quant", device, config, _aq.Problem(x2.shape[0], x2.shape[1], _dt(x.dtype), op,
+                                                                int(ue8m0), _y_dtype(normed, x.dtype)))
+    r2 = _rows("residual", residual) if residual is not None else None
+    q, s = _empty_quant(x2, x.shape[-1])
+    h = torch.empty_like(x2) if residual is not None else None
+    y = torch.empty(x2.shape, dtype=normed, device=device) if normed is not None else None
+    if x2.numel():
+        _aq.launch_rmsnorm_quant(x2, r2, weight, eps, q, s, h, ue8m0, cfg, y)
+    outs = (q.view(x.shape), s.view(*x.shape[:-1], s.shape[-1]))
+    if residual is None:
+        return outs
+    return outs + (h.view(x.shape),) + ((y.view(x.shape),) if y is not None else ())
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None,
+            config: dict | None = None) -> torch.Tensor:
+    """RMSNorm alone: x [..., K] bf16/fp16/fp32, weight [K] of x's dtype -> y [..., K] in out_dtype (default x's),
+    y = x * rsqrt(mean(x^2) + eps) * weight rounded to x's dtype (as F.rms_norm), stored in out_dtype (e.g. the
+    dtype a 16-bit GEMM takes its operands in). act_quant's RMSNorm kernel without the quantisation."""
+    _check_norm(x, weight, eps, None)
+    out_dtype = out_dtype or x.dtype
+    if out_dtype not in _ACT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {[str(d) for d in _ACT_DTYPES]}, got {out_dtype}")
+    device = _same_device(x=x, weight=weight)
+    x2 = _rows("x", x)
+    cfg = _cfg.resolve("act_quant", device, config, _aq.Problem(x2.shape[0], x2.shape[1], _dt(x.dtype), "norm", 0,
+                                                                _y_dtype(out_dtype, x.dtype)))
+    y = torch.empty(x2.shape, dtype=out_dtype, device=device)
+    if x2.numel():
+        _aq.launch_rmsnorm_quant(x2, None, weight, eps, None, None, None, False, cfg, y)
+    return y.view(x.shape)
+
+
+def _y_dtype(normed, dtype) -> str:
+    return "" if normed is None or normed == dtype else _dt(normed)
+
+
+def _check_norm(x, weight, eps, residual) -> None:
     _check_tensor("x", x, _ACT_DTYPES)
     _check_tensor("weight", weight, (x.dtype,), ndim=1)
     if weight.shape[0] != x.shape[-1]:
@@ -120,18 +165,6 @@ def rmsnorm_act_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, 
             raise ValueError(f"residual shape {tuple(residual.shape)} differs from x's {tuple(x.shape)}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    device = _same_device(x=x, weight=weight, residual=residual)
-    x2 = _rows("x", x)
-    op = "add_rmsnorm" if residual is not None else "rmsnorm"
-    cfg = _cfg.resolve("act_quant", device, config, _aq.Problem(x2.shape[0], x2.shape[1], _dt(x.dtype), op,
-                                                                int(ue8m0)))
-    r2 = _rows("residual", residual) if residual is not None else None
-    q, s = _empty_quant(x2, x.shape[-1])
-    h = torch.empty_like(x2) if residual is not None else None
-    if x2.numel():
-        _aq.launch_rmsnorm_quant(x2, r2, weight, eps, q, s, h, ue8m0, cfg)
-    outs = (q.view(x.shape), s.view(*x.shape[:-1], s.shape[-1]))
-    return outs if residual is None else outs + (h.view(x.shape),)
 
 
 def silu_mul_act_quant(gate_up: torch.Tensor, ue8m0: bool = False, config: dict | None = None):
@@ -178,13 +211,15 @@ def _check_fp8_operands(a, sa, b, sb) -> None:
     _check_aligned("b", b)
 
 
-def fp8_gemm(a, sa, b, sb, out=None, out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None):
+def fp8_gemm(a, sa, b, sb, out=None, out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None,
+             residual: torch.Tensor | None = None):
     """D[M, N] = (a * sa) @ (b * sb)^T, DeepSeek's "1D2D" block-scaled FP8 GEMM, fp32 accumulation.
 
     a [M, K] float8_e4m3fn with sa [M, K/128] fp32 (per token per 128 of K); b [N, K] float8_e4m3fn with
     sb [ceil(N/128), K/128] fp32 (per 128x128 block). Any M >= 0 and N; K a multiple of 128. a and b contiguous in
     K with 16-byte aligned rows; scales in any strides (row- or column-major). out (optional) [M, N] of out_dtype
-    (bf16, fp16 or fp32), contiguous in N. Returns out.
+    (bf16, fp16 or fp32), contiguous in N. residual (optional) [M, N] of out's dtype, contiguous in N: added in the
+    epilogue, D = round(round(A B^T) + residual) (what the GEMM then a separate add give). Returns out.
     """
     for name, t in (("a", a), ("sa", sa), ("b", b), ("sb", sb)):
         if not isinstance(t, torch.Tensor):
@@ -197,19 +232,25 @@ def fp8_gemm(a, sa, b, sb, out=None, out_dtype: torch.dtype = torch.bfloat16, co
     if out is None:
         out = torch.empty(M, N, dtype=out_dtype, device=device)
     _check_out(out, (M, N), _OUT_DTYPES, device)
+    if residual is not None:
+        _check_tensor("residual", residual, (out.dtype,), ndim=2)
+        if tuple(residual.shape) != (M, N) or residual.device != device:
+            raise ValueError(f"residual must be [{M}, {N}] on {device}, got {tuple(residual.shape)} on "
+                             f"{residual.device}")
     if M and N and a.shape[1]:
-        problem = _fp8.Problem(M, N, a.shape[1], _dt(out.dtype))
-        _fp8.launch(a, sa, b, sb, out, _cfg.resolve("fp8_gemm_1d2d", device, config, problem), problem)
+        problem = _fp8.Problem(M, N, a.shape[1], _dt(out.dtype), int(residual is not None))
+        _fp8.launch(a, sa, b, sb, out, _cfg.resolve("fp8_gemm_1d2d", device, config, problem), problem, residual)
     elif M and N:
-        out.zero_()
+        out.copy_(residual) if residual is not None else out.zero_()
     return out
 
 
-def bf16_gemm(a, b, out=None, config: dict | None = None):
-    """D[M, N] = a[M, K] @ b[N, K]^T with fp32 accumulation, output in the operands' dtype.
+def bf16_gemm(a, b, out=None, config: dict | None = None, out_dtype: torch.dtype | None = None):
+    """D[M, N] = a[M, K] @ b[N, K]^T with fp32 accumulation, output in the operands' dtype or out_dtype (fp32: the
+    accumulator itself, e.g. an LM head's logits).
 
     a and b bf16 (or fp16, both the same), contiguous in K, K a multiple of 8 (16-byte aligned rows); any M, N.
-    out (optional) [M, N] of the same dtype, contiguous in N. Returns out.
+    out (optional) [M, N] of the output dtype, contiguous in N. Returns out.
     """
     _check_tensor("a", a, (torch.bfloat16, torch.float16), ndim=2)
     _check_tensor("b", b, (a.dtype,), ndim=2)
@@ -221,11 +262,14 @@ def bf16_gemm(a, b, out=None, config: dict | None = None):
     _check_aligned("a", a)
     _check_aligned("b", b)
     M, N = a.shape[0], b.shape[0]
+    out_dtype = out_dtype or (out.dtype if out is not None else a.dtype)
+    if out_dtype not in (a.dtype, torch.float32):
+        raise TypeError(f"out_dtype must be the operands' dtype {a.dtype} or float32, got {out_dtype}")
     if out is None:
-        out = torch.empty(M, N, dtype=a.dtype, device=device)
-    _check_out(out, (M, N), (a.dtype,), device)
+        out = torch.empty(M, N, dtype=out_dtype, device=device)
+    _check_out(out, (M, N), (out_dtype,), device)
     if M and N and a.shape[1]:
-        problem = _bf16.Problem(M, N, a.shape[1], _dt(a.dtype))
+        problem = _bf16.Problem(M, N, a.shape[1], _dt(a.dtype), "" if out_dtype == a.dtype else "fp32")
         _bf16.launch(a, b, out, _cfg.resolve("bf16_gemm", device, config, problem))
     elif M and N:
         out.zero_()

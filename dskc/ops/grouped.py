@@ -17,16 +17,18 @@ __all__ = ["grouped_gemm", "grouped_gemm_contiguous", "grouped_gemm_masked"]
 
 
 def grouped_gemm(a, sa, b, sb, out, *, m_indices=None, block_expert=None, align=None, masked_m=None,
-                 epilogue: str = "none", out_scale=None, row_weight=None, b_up=None, sb_up=None, config=None,
-                 validate=None):
+                 dense: bool = False, epilogue: str = "none", out_scale=None, row_weight=None, b_up=None, sb_up=None,
+                 a_rows=None, weight_rows=None, top_k: int = 1, config=None, validate=None):
     """out[rows of expert e] = epilogue(A[rows] @ B[e]^T). FP8 1D2D when sa / sb are given, else bf16 / fp16.
 
     a: [R, K] (contiguous) or [E, M_max, K] (masked); sa: [R, K/128] / [E, M_max, K/128] fp32 (fp8 only; any
     strides, e.g. DeepGEMM's MN-major scales).
     b: [E, N, K]; sb: [E, ceil(N/128), K/128] fp32. Exactly one expert map: m_indices [R] int32 (per row, -1 =
     padding row, not written), block_expert [R/align] int32 (per align-row block, -1 = empty; BLOCK_M must divide
-    align) or masked_m [E] int32 (rows per expert of the masked layout, each in [0, M_max]). With m_indices, each
-    expert's segment starts on a multiple of 128 (DeepGEMM's layout; the kernel needs one expert per BLOCK_M rows).
+    align) or masked_m [E] int32 (rows per expert of the masked layout, each in [0, M_max]), or dense=True (b holds
+    one expert, every row of the 2-D a multiplies it: a dense layer through the grouped kernel's epilogues). With
+    m_indices, each expert's segment starts on a multiple of 128 (DeepGEMM's layout; the kernel needs one expert
+    per BLOCK_M rows).
     validate: read the expert map on the host (one sync) and refuse ids outside [-1, E), masked_m outside
     [0, M_max] and several experts in one BLOCK_M-row block (ValueError); None = unless a CUDA graph is being
     captured, False = never (maps built by dskc). Unchecked, the kernel skips rows whose id is outside [0, E)
@@ -34,38 +36,71 @@ def grouped_gemm(a, sa, b, sb, out, *, m_indices=None, block_expert=None, align=
     epilogue: "none"; "weight" (times row_weight [R] fp32); "swiglu" (b = [gate; up] stacked, N = 2 * N_out, or
     gate in b and up in b_up / sb_up: out = silu(gate) * up); "swiglu_quant" (the same, out e4m3 with
     out_scale [R, N_out/128] fp32; N_out % 128 == 0).
+    Rows as (token, k) assignments (a MoE layout's sorted ids, int32 [R], -1 on padding; see dskc.ops.moe):
+    a_rows: a is the [T, K] token rows (sa [T, K/128]) and layout row r multiplies a[a_rows[r] // top_k]; the
+    layout's shape (R or E x M_max rows) is out's. weight_rows (epilogue "weight"): row r is scaled by
+    row_weight[weight_rows[r]], row_weight being the router's [T * top_k] weights. These ids are not read on the
+    host (dskc's layouts make them); the kernel confines any outside [0, T * top_k) to token 0's row and weight 0.
     """
-    fp8, masked = _check_operands(a, sa, b, sb)
+    fp8, masked = _check_operands(a, sa, b, sb, a_rows is not None)
+    if a_rows is not None:
+        if not isinstance(out, torch.Tensor) or out.dim() not in (2, 3):
+            _fail("with a_rows, out ([R, N] or [E, M_max, N]) gives the layout's shape")
+        masked = out.dim() == 3
+    lead = tuple(out.shape[:-1]) if a_rows is not None else tuple(a.shape[:-1])
     e, n, k = b.shape
-    rows = a.shape[0] * (a.shape[1] if masked else 1)
+    rows = lead[0] * (lead[1] if masked else 1)
     if epilogue not in _gg.EPILOGUES:
         _fail(f"epilogue must be one of {sorted(_gg.EPILOGUES)}, got {epilogue!r}")
     swiglu = epilogue.startswith("swiglu")
     stacked = swiglu and b_up is None
     b, sb, b_up, sb_up, n = _up_operands(b, sb, b_up, sb_up, swiglu, fp8)
-    _check_out(out, a, masked, rows, n, epilogue, fp8, out_scale, row_weight)
-    maps = [m for m in (m_indices, block_expert, masked_m) if m is not None]
+    _check_out(out, lead, rows, n, epilogue, fp8, out_scale, row_weight, weight_rows is not None)
+    gather = _check_rows(a_rows, weight_rows, rows, epilogue, top_k)
+    maps = [m for m in (m_indices, block_expert, masked_m) if m is not None] + ([True] if dense else [])
     if len(maps) != 1 or (masked != (masked_m is not None)):
-        _fail("give exactly one of m_indices / block_expert (2-D a) or masked_m (3-D a)")
-    per_id = align if block_expert is not None and isinstance(align, int) else 1
+        _fail("give exactly one of m_indices / block_expert / dense=True (2-D a) or masked_m (3-D a)")
+    if dense and e != 1:
+        _fail(f"dense=True multiplies one expert; b holds {e}")
+    per_id = 0 if dense else (align if block_expert is not None and isinstance(align, int) else 1)
     problem = _gg.Problem(e, rows, n, k, "fp8" if fp8 else _DT[a.dtype], "masked" if masked else "contiguous",
-                          epilogue, per_id, "fp8" if epilogue == "swiglu_quant" else _DT[out.dtype], int(stacked))
+                          epilogue, per_id, "fp8" if epilogue == "swiglu_quant" else _DT[out.dtype], int(stacked),
+                          gather)
     _devices(a=a, sa=sa, b=b, sb=sb, out=out, out_scale=out_scale, row_weight=row_weight)
     cfg = _config(_gg, config, problem, a.device)
-    eid, per_id, m_max, n_mblocks = _expert_map(a, e, rows, m_indices, block_expert, align, masked_m, cfg)
+    if dense:        # no ids: an int32 placeholder takes the id and unused pointers' places (never read)
+        eid, m_max, n_mblocks = torch.empty(1, dtype=torch.int32, device=a.device), 0, triton.cdiv(rows, cfg["BLOCK_M"])
+    else:
+        eid, per_id, m_max, n_mblocks = _expert_map(lead, e, rows, m_indices, block_expert, align, masked_m, cfg)
+    src = a_rows if a_rows is not None else (weight_rows if weight_rows is not None else eid)
     _devices(a=a, sa=sa, b=b, sb=sb, b_up=b_up, sb_up=sb_up, out=out, out_scale=out_scale, row_weight=row_weight,
-             eid=eid)
-    if should_validate(validate, a.device):
+             eid=eid, src=src)
+    if not dense and should_validate(validate, a.device):
         _validate_map(eid, e, per_id, m_max, cfg["BLOCK_M"], masked)
     dummy = eid
     _gg.grouped_gemm_kernel[(n_mblocks, triton.cdiv(n, cfg["BLOCK_N"]))](
         a, sa if fp8 else dummy, b, b_up if swiglu else b, sb if fp8 else dummy,
         sb_up if (fp8 and swiglu) else dummy, out, out_scale if out_scale is not None else dummy, eid,
-        masked_m if masked else eid, row_weight if row_weight is not None else dummy,
-        rows, e, n, k, m_max, b.stride(0), sb.stride(0) if fp8 else 0,
-        *(_sa_strides(sa, masked) if fp8 else (0, 0, 0)),
+        masked_m if masked else eid, row_weight if row_weight is not None else dummy, src,
+        rows, e, n, k, m_max, int(top_k), b.stride(0), sb.stride(0) if fp8 else 0,
+        *(_sa_strides(sa, masked and a_rows is None) if fp8 else (0, 0, 0)),
         **_gg.bind(problem, cfg, knobs.get().triton_interpret)["grouped_gemm_kernel"])
     return out
+
+
+def _check_rows(a_rows, weight_rows, rows: int, epilogue: str, top_k: int) -> str:
+    """The Problem's `gather` for the assignment ids given ("" for neither)."""
+    if a_rows is not None and weight_rows is not None:
+        _fail("give a_rows (the up GEMM) or weight_rows (the down GEMM's weights), not both")
+    ids = a_rows if a_rows is not None else weight_rows
+    if ids is None:
+        return ""
+    _tensor("a_rows" if a_rows is not None else "weight_rows", ids, (torch.int32,), shape=(rows,))
+    if weight_rows is not None and epilogue != "weight":
+        _fail("weight_rows is only read by the 'weight' epilogue")
+    if not isinstance(top_k, int) or top_k < 1:
+        _fail(f"top_k must be a positive int, got {top_k!r}")
+    return "a" if a_rows is not None else "weight"
 
 
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -76,8 +111,9 @@ def _sa_strides(sa, masked):
     return (sa.stride(0), sa.stride(1), sa.stride(2)) if masked else (0, sa.stride(0), sa.stride(1))
 
 
-def _check_operands(a, sa, b, sb):
-    """(fp8, masked) after checking a, sa, b, sb against each other."""
+def _check_operands(a, sa, b, sb, token_rows: bool = False):
+    """(fp8, masked) after checking a, sa, b, sb against each other (token_rows: a is the [T, K] token rows, read
+    through a layout's ids)."""
     fp8 = sa is not None or sb is not None
     dts = (FP8,) if fp8 else _HALF
     _tensor("a", a, dts)
@@ -85,6 +121,8 @@ def _check_operands(a, sa, b, sb):
     if a.dim() not in (2, 3):
         _fail(f"a must be [R, K] (contiguous layout) or [E, M_max, K] (masked layout), got {tuple(a.shape)}")
     masked = a.dim() == 3
+    if token_rows and masked:
+        _fail(f"with a_rows, a is the [T, K] token rows, got {tuple(a.shape)}")
     e, n, k = b.shape
     if a.shape[-1] != k:
         _fail(f"a has K={a.shape[-1]}, b has K={k}")
@@ -140,30 +178,31 @@ def _check_up(b, sb, b_up, sb_up, fp8):
         _fail(f"fp8 b_up needs sb_up shaped and strided like sb {tuple(sb.shape)}")
 
 
-def _check_out(out, a, masked, rows, n, epilogue, fp8, out_scale, row_weight):
+def _check_out(out, lead, rows, n, epilogue, fp8, out_scale, row_weight, by_assignment=False):
+    """out (and out_scale / row_weight) for the layout's rows `lead`; by_assignment: row_weight is the router's
+    [T * top_k] weights, read through weight_rows."""
     quant = epilogue == "swiglu_quant"
-    _tensor("out", out, (FP8,) if quant else (torch.bfloat16, torch.float16, torch.float32),
-            shape=tuple(a.shape[:-1]) + (n,))
+    _tensor("out", out, (FP8,) if quant else (torch.bfloat16, torch.float16, torch.float32), shape=lead + (n,))
     if quant:
         if n % 128:
             _fail(f"swiglu_quant needs N_out % 128 == 0, got {n}")
-        _tensor("out_scale", out_scale, (torch.float32,), shape=tuple(a.shape[:-1]) + (n // 128,))
+        _tensor("out_scale", out_scale, (torch.float32,), shape=lead + (n // 128,))
     elif out_scale is not None:
         _fail("out_scale is only written by the swiglu_quant epilogue")
     if epilogue == "weight":
         _tensor("row_weight", row_weight, (torch.float32,))
-        if row_weight.numel() != rows:
+        if row_weight.numel() != rows and not by_assignment:
             _fail(f"row_weight must have one weight per row ({rows}), got {row_weight.numel()}")
     elif row_weight is not None:
         _fail("row_weight is only read by the 'weight' epilogue")
 
 
-def _expert_map(a, e, rows, m_indices, block_expert, align, masked_m, cfg):
-    """(expert-id tensor, ROWS_PER_ID, M_MAX, number of M-blocks) for the kernel."""
+def _expert_map(lead, e, rows, m_indices, block_expert, align, masked_m, cfg):
+    """(expert-id tensor, ROWS_PER_ID, M_MAX, number of M-blocks) for the kernel; lead: the layout's shape."""
     bm = cfg["BLOCK_M"]
     if masked_m is not None:
         _tensor("masked_m", masked_m, (torch.int32,), shape=(e,))
-        return masked_m, 1, a.shape[1], e * triton.cdiv(a.shape[1], bm)
+        return masked_m, 1, lead[1], e * triton.cdiv(lead[1], bm)
     if m_indices is not None:
         _tensor("m_indices", m_indices, (torch.int32,), shape=(rows,))
         return m_indices, 1, 0, triton.cdiv(rows, bm)

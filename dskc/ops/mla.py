@@ -19,114 +19,26 @@ sm_80 works too); encoding rounds to nearest-even via fp16, at most 1 ulp from a
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 
-from dskc.arch import family_of_device
 from dskc.ops import _config as _cfg
 from dskc.ops._validate import should_validate as _should_validate
+from dskc.ops.mla_state import (FIXED_OVERHEAD_TILES, MLAMetadata, MLAStep, default_config, get_mla_metadata,  # noqa: F401
+                               mla_step)
+from dskc.templates.triton import mla_absorb as _abs
 from dskc.templates.triton import mla_decode as _dec
 from dskc.templates.triton import mla_prefill as _pre
 from dskc.templates.triton import mla_rope as _rope
 from dskc.templates.triton._problem import dtype_name as _dt
 
-__all__ = ["MLAMetadata", "get_mla_metadata", "mla_decode", "mla_prefill", "rope_norm_cache_write", "paged_slots",
+__all__ = ["MLAMetadata", "MLAStep", "get_mla_metadata", "mla_step", "mla_absorb_q", "mla_absorb_o", "mla_decode", "mla_prefill", "rope_norm_cache_write", "paged_slots",
            "quantize_mla_cache_fp8", "dequantize_mla_cache_fp8"]
 
 D_LATENT, D_ROPE, D_QK = _dec.D_LATENT, _dec.D_ROPE, _dec.D_QK
 FP8_TOKEN_BYTES = _dec.FP8_TOKEN_BYTES
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
-FIXED_OVERHEAD_TILES = 5   # a split costs about this many key tiles of setup + combine (FlashMLA uses 5 of 64)
-
-
-@dataclasses.dataclass(frozen=True)
-class MLAMetadata:
-    """Split-KV schedule for one (seqlens, rows) decode shape; reusable while seqlens and shapes stay the same.
-
-    tile_scheduler_metadata: int32 [num_parts, 8]; row p = (begin_batch, begin_tile, end_batch, end_tile (excl.),
-        split index of the begin batch's piece, block_n, 0, 0). Part p handles batch begin_batch from tile
-        begin_tile, the batches in between whole, and batch end_batch up to end_tile.
-    num_splits: int32 [batch + 1], cumulative pieces per batch (num_splits[b+1] - num_splits[b] pieces; 0 for an
-        empty sequence, 1 means the batch is written without a combine).
-    """
-    tile_scheduler_metadata: torch.Tensor
-    num_splits: torch.Tensor
-    block_m: int
-    block_n: int
-    num_q_rows: int
-
-
-def default_config(device: torch.device) -> dict:
-    """The tuning-free decode config of `device`'s arch family (sm90's for CPU tensors under the interpreter)."""
-    return dict(_dec.DEFAULTS[family_of_device(device)])
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few parts, so split-KV and the combine are exercised
-
-
-def get_mla_metadata(cache_seqlens: torch.Tensor, num_q_rows: int, num_heads_k: int = 1, *, block_m=None,
-                     block_n=None, block_dv=None, num_parts: int | None = None,
-                     overhead_tiles: int = FIXED_OVERHEAD_TILES) -> MLAMetadata:
-    """Balance the decode work of a batch over `num_parts` parts (default: SMs / (row blocks x value splits)).
-
-    cache_seqlens: int32 [batch]; num_q_rows: s_q * h_q / num_heads_k (query rows sharing one kv head).
-    Work is counted in key tiles of block_n tokens plus `overhead_tiles` per batch; part p takes the units
-    [p*P, (p+1)*P) of the batches laid end to end, P = ceil(total / num_parts). No host sync.
-    """
-    if cache_seqlens.dim() != 1 or cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"cache_seqlens must be a 1-D int32 tensor, got {cache_seqlens.dtype} "
-                        f"{tuple(cache_seqlens.shape)}")
-    if num_heads_k != 1:
-        raise ValueError(f"MLA decode has one kv head; got num_heads_k={num_heads_k}")
-    if num_q_rows < 1:
-        raise ValueError(f"num_q_rows must be >= 1, got {num_q_rows}")
-    cfg = default_config(cache_seqlens.device)
-    block_m = int(block_m or cfg["BLOCK_M"])
-    block_n = int(block_n or cfg["BLOCK_N"])
-    block_dv = int(block_dv or cfg["BLOCK_DV"])
-    if num_parts is None:
-        programs_per_part = math.ceil(num_q_rows / block_m) * (D_LATENT // block_dv)
-        num_parts = max(1, _num_sms(cache_seqlens.device) // programs_per_part)
-    if num_parts < 1:
-        raise ValueError(f"num_parts must be >= 1, got {num_parts}")
-    dev = cache_seqlens.device
-    n = (cache_seqlens.to(torch.int64).clamp_min(0) + block_n - 1) // block_n
-    cost = n + overhead_tiles
-    ends = torch.cumsum(cost, 0)
-    starts = ends - cost
-    total = ends[-1:] if n.numel() else torch.zeros(1, dtype=torch.int64, device=dev)
-    payload = torch.clamp_min((total + num_parts - 1) // num_parts, 1)
-    first_part = (starts + overhead_tiles) // payload
-    last_part = (starts + overhead_tiles + n - 1) // payload
-    splits = torch.where(n > 0, last_part - first_part + 1, torch.zeros_like(n))
-    cum = torch.zeros(n.numel() + 1, dtype=torch.int64, device=dev)
-    cum[1:] = torch.cumsum(splits, 0)
-    p = torch.arange(num_parts, device=dev, dtype=torch.int64)
-    lo, hi = p * payload, (p + 1) * payload
-    last = max(n.numel() - 1, 0)
-    begin_b = torch.searchsorted(ends, lo, right=True)
-    end_b = torch.searchsorted(ends, hi - 1, right=True).clamp_max(last)
-    empty = begin_b >= n.numel()
-    bb, eb = begin_b.clamp_max(last), end_b
-    if n.numel():
-        begin_tile = (lo - starts[bb] - overhead_tiles).clamp(min=0).minimum(n[bb])
-        end_tile = (hi - starts[eb] - overhead_tiles).clamp(min=0).minimum(n[eb])
-        begin_split = (p - first_part[bb]).clamp_min(0)
-    else:
-        begin_tile = end_tile = begin_split = torch.zeros_like(p)
-    meta = torch.zeros(num_parts, _dec.META_COLS, dtype=torch.int64, device=dev)
-    meta[:, 0] = torch.where(empty, 1, bb)
-    meta[:, 1] = begin_tile
-    meta[:, 2] = torch.where(empty, 0, eb)
-    meta[:, 3] = end_tile
-    meta[:, 4] = begin_split
-    meta[:, 5] = block_n
-    return MLAMetadata(meta.to(torch.int32), cum.to(torch.int32), block_m, block_n, num_q_rows)
 
 
 def _check_decode(q, kv_cache, block_table, cache_seqlens, kv_format):
@@ -210,12 +122,14 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal=Fa
     kv_cache, block_table, cache_seqlens: see the module docstring; softmax_scale: float multiplying q.k;
     causal: query row s (of s_q) sees keys [0, seqlen - s_q + s]; otherwise all `seqlen` keys.
     num_splits: number of programs the work is balanced over (default: SMs / row blocks); ignored when
-    `metadata` (from get_mla_metadata with the same seqlens and s_q*h_q) is given.
+    `metadata` (from get_mla_metadata / mla_step with the same seqlens and s_q*h_q) is given. A metadata of one part
+    per sequence (combine False) launches the split kernel alone.
     Returns out [batch, s_q, h_q, 512] in q's dtype and lse [batch, h_q, s_q] fp32.
     """
     b, s_q, h_q, num_blocks, page = _check_decode(q, kv_cache, block_table, cache_seqlens, kv_format)
+    split = metadata is None or metadata.combine
     problem = _dec.Problem(b, s_q, h_q, block_table.shape[1] * page, page, kv_format == "fp8", _dt(q.dtype),
-                           bool(causal))
+                           bool(causal), int(split))
     cfg = dict(_cfg.resolve(_dec.STEM, q.device, config, problem))
     rows = s_q * h_q
     if metadata is None:
@@ -234,8 +148,9 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal=Fa
     if b == 0:
         return out, lse
     parts = metadata.tile_scheduler_metadata.shape[0]
-    oacc = torch.empty(b + parts, rows, D_LATENT, dtype=torch.float32, device=q.device)
-    lacc = torch.empty(b + parts, rows, dtype=torch.float32, device=q.device)
+    acc_rows = b + parts if split else 1          # unsplit: every piece is written straight to out / lse
+    oacc = torch.empty(acc_rows, rows, D_LATENT, dtype=torch.float32, device=q.device)
+    lacc = torch.empty(acc_rows, rows, dtype=torch.float32, device=q.device)
     kv, sc, rope = _cache_views(kv_cache, kv_format)
     grid = (parts, triton_cdiv(rows, cfg["BLOCK_M"]), D_LATENT // cfg["BLOCK_DV"])
     kw = _dec.bind(problem, cfg)
@@ -243,10 +158,75 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal=Fa
         q, kv, sc, rope, block_table, cache_seqlens, metadata.tile_scheduler_metadata, metadata.num_splits,
         out, lse, oacc, lacc, s_q, h_q, block_table.stride(0), lse.stride(0), lse.stride(1), num_blocks,
         block_table.shape[1] * page, float(softmax_scale) * math.log2(math.e), **kw["mla_decode_split_kernel"])
-    _dec.mla_decode_combine_kernel[(b, triton_cdiv(rows, _dec.COMBINE_BLOCK_R))](
-        out, lse, oacc, lacc, metadata.num_splits, s_q, h_q, out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1), **kw["mla_decode_combine_kernel"])
+    if split:
+        _dec.mla_decode_combine_kernel[(b, triton_cdiv(rows, _dec.COMBINE_BLOCK_R))](
+            out, lse, oacc, lacc, metadata.num_splits, s_q, h_q, out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1), **kw["mla_decode_combine_kernel"])
     return out, lse
+
+
+def mla_absorb_q(q, w_uk_t, rope_table, rope_rows, out_dtype, config=None):
+    """The absorbed decode query, assembled in place: [T, H, 576] of out_dtype (one launch).
+
+    q [T, H, nope + 64] (wq / wq_b's output as [tokens, heads, width]; unit last stride, any row / head strides),
+    w_uk_t [H, 512, nope] of out_dtype (wkv_b's K half, each head transposed), rope_table fp32 [max_pos, 32, 2],
+    rope_rows int32 [T] (each token's row of the table; not checked: dskc.ops.mla_step made them).
+    Returns qq with qq[..., :512] = q[..., :nope] @ W_UK[h] and qq[..., 512:] = RoPE(q[..., nope:]), q's elements
+    rounded to out_dtype first (as a query converted for the cache dtype), fp32 accumulation.
+    """
+    if q.dim() != 3 or q.stride(-1) != 1 or q.dtype not in _FLOATS:
+        raise ValueError(f"q must be float [T, H, nope + 64] with a unit last stride, got {q.dtype} {tuple(q.shape)}")
+    t, h, width = q.shape
+    nope = width - D_ROPE
+    if tuple(w_uk_t.shape) != (h, D_LATENT, nope) or w_uk_t.dtype != out_dtype or not w_uk_t.is_contiguous():
+        raise ValueError(f"w_uk_t must be contiguous {out_dtype} [{h}, {D_LATENT}, {nope}], got {w_uk_t.dtype} "
+                         f"{tuple(w_uk_t.shape)}")
+    if rope_table.dtype != torch.float32 or rope_table.dim() != 3 or rope_table.shape[1:] != (D_ROPE // 2, 2):
+        raise TypeError(f"rope_table must be fp32 [max_pos, {D_ROPE // 2}, 2], got {tuple(rope_table.shape)}")
+    if rope_rows.dtype != torch.int32 or tuple(rope_rows.shape) != (t,):
+        raise TypeError(f"rope_rows must be int32 [{t}]")
+    problem = _abs.Problem(t, h, nope, 0, _dt(out_dtype), _dt(q.dtype), "q")
+    cfg = _cfg.resolve(_abs.STEM, q.device, config, problem)
+    qq = torch.empty(t, h, D_QK, dtype=out_dtype, device=q.device)
+    if t:
+        grid = (h, triton_cdiv(t, cfg["BLOCK_T"]), D_LATENT // cfg["BLOCK_C"])
+        _abs.mla_q_absorb_kernel[grid](q, w_uk_t, rope_table.contiguous(), rope_rows, qq, t, h, q.stride(0),
+                                       q.stride(1), **_abs.bind(problem, cfg)["mla_q_absorb_kernel"])
+    return qq
+
+
+def mla_absorb_o(out, w_uv, act_dtype, quant: bool, config=None):
+    """The attention output through wkv_b's V half, ready for wo (one launch).
+
+    out [T, H, 512] (mla_decode's, contiguous), w_uv [H, V, 512] of out's dtype (V = 64 or a multiple of 128).
+    o = out @ W_UV[h]^T per head, rounded to out's dtype then to act_dtype (the unfused path's roundings), flattened to
+    [T, H * V]. quant: returns (q e4m3 [T, H*V], s fp32 [T, H*V / 128]) quantised as act_quant does, for an FP8 wo;
+    else o [T, H * V] in out's dtype (holding act_dtype's values: what a 16-bit wo's GEMM takes).
+    """
+    if out.dim() != 3 or out.shape[-1] != D_LATENT or not out.is_contiguous() or out.dtype not in _FLOATS:
+        raise ValueError(f"out must be contiguous float [T, H, {D_LATENT}], got {out.dtype} {tuple(out.shape)}")
+    t, h, _ = out.shape
+    if w_uv.dim() != 3 or w_uv.shape[0] != h or w_uv.shape[2] != D_LATENT or w_uv.dtype != out.dtype \
+            or not w_uv.is_contiguous():
+        raise ValueError(f"w_uv must be contiguous {out.dtype} [{h}, V, {D_LATENT}], got {w_uv.dtype} "
+                         f"{tuple(w_uv.shape)}")
+    v = w_uv.shape[1]
+    if not (v == 64 and h % 2 == 0) and v % 128:
+        raise ValueError(f"mla_absorb_o serves V = 64 (an even number of heads) or a multiple of 128, got V={v}, "
+                         f"H={h}")
+    problem = _abs.Problem(t, h, 0, v, _dt(out.dtype), _dt(act_dtype), "o", int(quant))
+    cfg = _cfg.resolve(_abs.STEM, out.device, config, problem)
+    if quant:
+        y = torch.empty(t, h * v, dtype=torch.float8_e4m3fn, device=out.device)
+        s = torch.empty(t, h * v // 128, dtype=torch.float32, device=out.device)
+    else:
+        y = torch.empty(t, h * v, dtype=out.dtype, device=out.device)
+        s = y
+    if t:
+        _abs.mla_o_absorb_kernel[(triton_cdiv(t, cfg["BLOCK_T"]), h * v // 128)](
+            out, w_uv, y.view(torch.uint8) if quant else y, s if quant else out, t, h,
+            **_abs.bind(problem, cfg)["mla_o_absorb_kernel"])
+    return (y, s) if quant else y
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -313,16 +293,29 @@ def _check_cache_target(kv_cache, slots, kv_format, tokens, device, validate=Non
         raise ValueError(f"slots beyond the cache's {capacity} token slots")
 
 
+def _rope_dtype(kv_a, norm_weight, q_pe, dense_cache) -> torch.dtype:
+    """The dtype of the rope kernel's query, norm weight and dense cache (kv_a may differ: converted on the write)."""
+    dtype = dense_cache.dtype if dense_cache is not None else (q_pe.dtype if q_pe is not None else kv_a.dtype)
+    if dense_cache is not None and dtype not in _FLOATS:
+        raise TypeError(f"a dense kv_cache must be bf16/fp16/fp32, got {dtype}")
+    for name, x in (("q_pe", q_pe), ("norm_weight", norm_weight)):
+        if x is not None and x.dtype != dtype:
+            raise TypeError(f"{name} must be {dtype} (the cache's / query's dtype), got {x.dtype}")
+    return dtype
+
+
 def rope_norm_cache_write(kv_a, norm_weight, rope_table, positions, q_pe=None, *, eps=1e-6, kv_cache=None,
                           slots=None, kv_format="bf16", config=None, validate=None):
     """RMSNorm the latent, rotate the rope key (and q_pe in place), optionally write both into the paged cache.
 
-    kv_a: [T, 576] (wkv_a output: 512 latent | 64 rope key, last dim contiguous); norm_weight [512];
-    rope_table: fp32 [max_pos, 32, 2] (cos, sin) as dskc.model.mla.precompute_rope; positions: int32 [T];
-    q_pe: [T, H, 64] with unit last stride (e.g. q[..., 128:]), rotated in place; kv_cache (see module doc) with
-    slots int32 [T] = page id * page + offset (negative: skip). Returns (latent [T, 512], k_pe [T, 64]) in
-    kv_a's dtype. RoPE pairs (x[2i], x[2i+1]); math in fp32. validate: positions and slots are checked (one sync)
-    unless False or a CUDA graph is being captured (see the module docstring for what the kernel does unchecked).
+    kv_a: [T, 576] (wkv_a output: 512 latent | 64 rope key, last dim contiguous, any row stride: e.g. a column
+    slice of a stacked projection's output); norm_weight [512]; rope_table: fp32 [max_pos, 32, 2] (cos, sin) as
+    dskc.model.mla.precompute_rope; positions: int32 [T]; q_pe: [T, H, 64] with unit last stride (e.g. q[..., 128:]),
+    rotated in place; kv_cache (see module doc) with slots int32 [T] = page id * page + offset (negative: skip).
+    A dense cache may have another float dtype than kv_a (values are converted on the write; q_pe and norm_weight
+    then have the cache's dtype). Returns (latent [T, 512], k_pe [T, 64]) in kv_a's dtype. RoPE pairs
+    (x[2i], x[2i+1]); math in fp32. validate: positions and slots are checked (one sync) unless False or a CUDA graph
+    is being captured (see the module docstring for what the kernel does unchecked).
     """
     if kv_a.dim() != 2 or kv_a.shape[1] != D_QK or kv_a.stride(1) != 1 or kv_a.dtype not in _FLOATS:
         raise ValueError(f"kv_a must be float [T, {D_QK}] with a unit last stride, got {kv_a.dtype} "
@@ -346,7 +339,9 @@ def rope_norm_cache_write(kv_a, norm_weight, rope_table, positions, q_pe=None, *
     if write:
         _check_cache_target(kv_cache, slots, kv_format, t, kv_a.device, validate)
     heads = q_pe.shape[1] if q_pe is not None else 0
-    problem = _rope.Problem(t, heads, write and kv_format == "fp8", _dt(kv_a.dtype), write)
+    dtype = _rope_dtype(kv_a, norm_weight, q_pe, kv_cache if write and kv_format == "bf16" else None)
+    problem = _rope.Problem(t, heads, write and kv_format == "fp8", _dt(dtype), write,
+                            "" if kv_a.dtype == dtype else _dt(kv_a.dtype))
     cfg = _cfg.resolve(_rope.STEM, kv_a.device, config, problem)
     lat = torch.empty(t, D_LATENT, dtype=kv_a.dtype, device=kv_a.device)
     pe = torch.empty(t, D_ROPE, dtype=kv_a.dtype, device=kv_a.device)

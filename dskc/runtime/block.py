@@ -4,10 +4,11 @@ The eager block is x = x + attn(attn_norm(x)); return x + ffn(ffn_norm(x)). Here
 - attn_norm: one `rmsnorm_act_quant(x)` gives the 1x128 e4m3 (q, s) of the normed x (never materialised in bf16),
   and one FP8 GEMM over the stacked [wq_a; wkv_a] (or [wq; wkv_a]) weights gives both projections (two GEMMs on the
   same (q, s) when the block scales do not stack); KernelMLA.attend_projected does the rest of the attention.
-- ffn_norm (dense FP8 MLP only): `rmsnorm_act_quant(attn_out, residual=x)` adds the residual, normalises and
-  quantises in one pass, returning the new residual stream h too; KernelMLP.from_quantized runs [w1|w3] GEMM,
-  SwiGLU + quant and w2. The block returns h + mlp. A MoE ffn keeps the eager residual add and ffn_norm (the gate
-  needs the un-quantised normed x; see dskc.lower.passes.fuse_block_norms).
+- ffn_norm (FP8 ffn): `rmsnorm_act_quant(attn_out, residual=x)` adds the residual, normalises and quantises in one
+  pass, returning the new residual stream h too. A dense MLP (KernelMLP.from_quantized) runs its [w1|w3] GEMM with
+  the SwiGLU + quant epilogue and its w2 GEMM, which adds h in its epilogue. A MoE (KernelMoE.fused) also gets the
+  normed x from the same pass (for its gate) and adds h in its combine. Either way the ffn returns the block's
+  output: no separate add.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch.nn as nn
 
 from dskc import ops
 from dskc.runtime.mla import KernelMLA
-from dskc.runtime.modules import KernelLinear, KernelMLP
+from dskc.runtime.modules import KernelLinear, KernelMLP, KernelMoE
 from dskc.runtime.table import config as _cfg
 
 
@@ -53,14 +54,14 @@ class KernelBlock(nn.Module):
         self.node, self.table = node, table
         self.attn, self.ffn, self.attn_norm, self.ffn_norm = src.attn, src.ffn, src.attn_norm, src.ffn_norm
         self.fuse_attn = node.attr("attn_norm") == "rmsnorm_act_quant"
-        self.fuse_ffn = node.attr("ffn_norm") == "add_rmsnorm_act_quant"
+        self.fuse_ffn = node.attr("ffn_norm") in ("add_rmsnorm_act_quant", "add_rmsnorm_act_quant_normed")
         if not (self.fuse_attn or self.fuse_ffn):
             raise ValueError(f"{node.name}: the block has no fused norm (run fuse_block_norms first)")
         if self.fuse_attn:
             self._init_attn(node)
-        if self.fuse_ffn and not (isinstance(self.ffn, KernelMLP) and self.ffn.fp8):
+        if self.fuse_ffn and not (isinstance(self.ffn, (KernelMLP, KernelMoE)) and self.ffn.fp8):
             raise ValueError(f"{node.name}: ffn_norm is fused but the ffn is {type(self.ffn).__name__}, not an FP8 "
-                             "KernelMLP (did it stay eager?)")
+                             "KernelMLP / KernelMoE (did it stay eager?)")
 
     def _init_attn(self, node) -> None:
         if not isinstance(self.attn, KernelMLA):
@@ -105,6 +106,12 @@ class KernelBlock(nn.Module):
         if not self.fuse_ffn:
             h = x + a
             return h + self.ffn(self.ffn_norm(h))
-        q, s, h = ops.rmsnorm_act_quant(a.reshape(-1, dim), self.ffn_norm.weight.to(x.dtype), self.ffn_norm.eps,
-                                        residual=x2, config=_cfg(self.ffn.table, "quant", x2.shape[0]))
-        return (h + self.ffn.from_quantized(q, s, x.dtype)).view(x.shape)
+        moe = isinstance(self.ffn, KernelMoE)
+        outs = ops.rmsnorm_act_quant(a.reshape(-1, dim), self.ffn_norm.weight.to(x.dtype), self.ffn_norm.eps,
+                                     residual=x2, config=_cfg(self.ffn.table, "quant", x2.shape[0]),
+                                     normed=x.dtype if moe else None)
+        if moe:                # the gate reads the normed x, the experts its quantisation, the combine adds h
+            q, s, h, y = outs
+            return self.ffn.fused(y, q, s, h).view(x.shape)
+        q, s, h = outs         # the MLP's w2 GEMM adds h
+        return self.ffn.from_quantized(q, s, x.dtype, residual=h).view(x.shape)

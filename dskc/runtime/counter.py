@@ -130,4 +130,12 @@ def count_prefill(model: nn.Module, batch: int = 1, seqlen: int = 8) -> StepCoun
     m = _model(model)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, _vocab(m), (batch, seqlen), generator=gen).to(m.rope.device)
-    return _count(m, "prefill", batch, seqlen, lambda: m(tokens, 0))
+    return count_forward(m, tokens, 0)
+
+
+def count_forward(model: nn.Module, tokens: torch.Tensor, start_pos: int) -> StepCounts:
+    """Kernels of the model's forward on `tokens` at `start_pos` (any model of the Transformer's shape: an eager
+    one too); phase "decode" for one token per sequence, else "prefill"."""
+    m = _model(model)
+    batch, seqlen = tokens.shape
+    return _count(m, "decode" if seqlen == 1 else "prefill", batch, seqlen, lambda: m(tokens, start_pos))

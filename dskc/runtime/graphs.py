@@ -22,12 +22,34 @@ import torch.nn as nn
 log = logging.getLogger("dskc.runtime.graphs")
 
 
-def decode_step(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def step_owner(model: nn.Module):
+    """The KernelMLA that computes the step's shared state (the share_step_state pass's owner), or the first."""
+    from dskc.runtime.mla import KernelMLA
+
+    mlas = [m for m in model.modules() if isinstance(m, KernelMLA)]
+    if not mlas:
+        raise ValueError("a decode step on device positions needs the MLA regions on dskc kernels (KernelMLA)")
+    return next((m for m in mlas if m.owns_step), mlas[0])
+
+
+def decode_step(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, validate=None) -> torch.Tensor:
     """The Transformer's forward for one token per sequence at device `positions` (int32 [batch]); float32
-    logits [batch, vocab]. `model` is the compiled module (its MLA regions are KernelMLA)."""
+    logits [batch, vocab]. `model` is the compiled module (its MLA regions are KernelMLA).
+
+    The step's MLA state (rope rows, cache slots, sequence lengths, split schedule) is computed once, here, and
+    passed to every layer in place of start_pos. validate: the positions are checked once per step (one sync)
+    unless False or a CUDA graph is being captured; the layers never check again."""
+    from dskc.runtime.mla import check_positions
+
+    owner = step_owner(model)
+    if tuple(positions.shape) != (tokens.shape[0],) or positions.dtype != torch.int32 or tokens.shape[1:] != (1,):
+        raise ValueError(f"a decode step takes one token per sequence, tokens [batch, 1], at int32 [batch] positions, got "
+                         f"{tuple(tokens.shape)} and {positions.dtype} {tuple(positions.shape)}")
+    check_positions(positions, min(model.rope.shape[0], owner.block_table.shape[1] * owner.page), validate)
+    state = owner.step_state(positions, tokens.shape[0], 1, validate=False)
     h = model.embed(tokens)
     for layer in model.layers:
-        h = layer(h, positions, model.rope, None)
+        h = layer(h, state, model.rope, None)
     return model.head(model.norm(h)[:, -1]).float()
 
 

@@ -63,7 +63,7 @@ def choose(node: Node, arch: Arch, tokens=(64,), runs_on: str = "gpu", ctx: Cont
     unreadable export."""
     from dskc.templates import registry
 
-    ctx = ctx or Context(runs_on=runs_on)
+    ctx = dataclasses.replace(ctx or Context(runs_on=runs_on), sms=arch.sms)
     tokens = (tokens,) if isinstance(tokens, int) else tokens
     out = []
     for t in sorted({pow2(t) for t in tokens}):

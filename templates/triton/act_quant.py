@@ -11,8 +11,10 @@ would give, would turn the whole block into NaN).
 Three kernels share the config (BLOCK_M rows per program, num_warps):
 - act_quant_kernel: x [M, K] -> (q, s). Grid (ceil(M/BLOCK_M), ceil(K/128)).
 - rmsnorm_quant_kernel: h = x (+ residual, stored rounded to its dtype as the new residual); y = h / rms(h) * w
-  rounded to x's dtype (as the unfused model would hand it to its Linear) then quantised. Two passes over the row
-  (sum of squares, then normalise + quantise), so K is not bounded by registers. Grid (ceil(M/BLOCK_M),).
+  rounded to x's dtype (as the unfused model would hand it to its Linear) then quantised (QUANT) and/or stored
+  (STORE_Y, in the y tensor's dtype: what the consumer multiplies with, e.g. a MoE gate beside the FP8 experts, or
+  a 16-bit LM head). Two passes over the row (sum of squares, then normalise + quantise), so K is not bounded by
+  registers. Grid (ceil(M/BLOCK_M),).
 - silu_mul_quant_kernel: gate_up [M, 2I] -> y = silu(gate) * up in fp32, quantised. Grid (ceil(M/BLOCK_M), ceil(I/128)).
 The e4m3 values are encoded by `e4m3_bits` (integer arithmetic, round-to-nearest-even) and stored through a uint8
 view: the same code then runs on sm_80 (where Triton has no e4m3 type), on sm_90/sm_100, and in the interpreter
@@ -33,19 +35,27 @@ from dskc.templates.triton._problem import ProblemBase, launch as _launch, pow2
 STEM = "act_quant"
 
 # op -> (kernel, fixed constexprs): which of the three kernels a problem launches
-OPS = {"quant": ("act_quant_kernel", {}), "rmsnorm": ("rmsnorm_quant_kernel", {"HAS_RES": 0}),
-       "add_rmsnorm": ("rmsnorm_quant_kernel", {"HAS_RES": 1}), "silu_mul": ("silu_mul_quant_kernel", {})}
+_NORM = ("rmsnorm_quant_kernel", "HAS_RES", "STORE_Y", "QUANT")
+OPS = {"quant": ("act_quant_kernel", {}),
+       "rmsnorm": (_NORM[0], dict(zip(_NORM[1:], (0, 0, 1)))),          # (q, s) of RMSNorm(x)
+       "add_rmsnorm": (_NORM[0], dict(zip(_NORM[1:], (1, 0, 1)))),      # (q, s, h = x + residual)
+       "add_rmsnorm_normed": (_NORM[0], dict(zip(_NORM[1:], (1, 1, 1)))),   # (q, s, h, y = the normed h)
+       "norm": (_NORM[0], dict(zip(_NORM[1:], (0, 1, 0)))),             # y = RMSNorm(x) only
+       "silu_mul": ("silu_mul_quant_kernel", {})}
 
 
 @dataclasses.dataclass(frozen=True)
 class Problem(ProblemBase):
     """M rows of K columns quantised 1x128 from `dtype` activations; op: "quant" (x), "rmsnorm" (RMSNorm(x)),
-    "add_rmsnorm" (RMSNorm(x + residual)) or "silu_mul" (silu(gate) * up, K = I). ue8m0: power-of-two scales."""
+    "add_rmsnorm" (RMSNorm(x + residual)), "add_rmsnorm_normed" (the same, also storing the normed x), "norm" (the
+    normed x alone, no quantisation) or "silu_mul" (silu(gate) * up, K = I). ue8m0: power-of-two scales; y_dtype:
+    the stored normed x's dtype ("": dtype)."""
     M: int
     K: int
     dtype: str = "bf16"
     op: str = "quant"
     ue8m0: int = 0
+    y_dtype: str = ""
     BUCKETS = {"M": "pow2"}
 
 SPACE = {
@@ -163,9 +173,10 @@ def _residual_sum(x_ptr, r_ptr, rows, cols, mask, stride_xm, stride_rm, HAS_RES:
 
 
 @triton.jit
-def rmsnorm_quant_kernel(x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, rout_ptr, M, K, eps,
-                         stride_xm, stride_rm, stride_routm, stride_qm, stride_sm,
-                         BLOCK_M: tl.constexpr, HAS_RES: tl.constexpr, UE8M0: tl.constexpr):
+def rmsnorm_quant_kernel(x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, rout_ptr, y_ptr, M, K, eps,
+                         stride_xm, stride_rm, stride_routm, stride_qm, stride_sm, stride_ym,
+                         BLOCK_M: tl.constexpr, HAS_RES: tl.constexpr, UE8M0: tl.constexpr,
+                         STORE_Y: tl.constexpr, QUANT: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, 128)):
@@ -183,9 +194,12 @@ def rmsnorm_quant_kernel(x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, rout_ptr, M, K, eps,
         h = _residual_sum(x_ptr, r_ptr, rows, cols, mask, stride_xm, stride_rm, HAS_RES)
         w = tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
         y = _round_to(h * rstd[:, None] * w[None, :], x_ptr.dtype.element_ty)
-        q, s = _quantize(y, UE8M0)
-        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
-        tl.store(s_ptr + rows * stride_sm + kb, s, mask=rows < M)
+        if STORE_Y:
+            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        if QUANT:
+            q, s = _quantize(y, UE8M0)
+            tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
+            tl.store(s_ptr + rows * stride_sm + kb, s, mask=rows < M)
 
 
 @triton.jit
@@ -209,9 +223,13 @@ def compile_specs(problem, config: dict) -> list[CompileSpec]:
     q, act = "*u8", f"*{problem.dtype}"
     plain = {"x_ptr": act, "q_ptr": q, "s_ptr": "*fp32", "M": "i32", "K": "i32",
              "stride_xm": "i32", "stride_qm": "i32", "stride_sm": "i32"}
-    norm = {"x_ptr": act, "r_ptr": act, "w_ptr": act, "q_ptr": q, "s_ptr": "*fp32", "rout_ptr": act,
+    flags = OPS[problem.op][1]
+    # pointers an op leaves unused are passed another tensor of the call (see launch_rmsnorm_quant): their types
+    y = f"*{problem.y_dtype or problem.dtype}" if flags.get("STORE_Y") else act
+    qn, sn = ("*u8", "*fp32") if flags.get("QUANT", 1) else (y, y)
+    norm = {"x_ptr": act, "r_ptr": act, "w_ptr": act, "q_ptr": qn, "s_ptr": sn, "rout_ptr": act, "y_ptr": y,
             "M": "i32", "K": "i32", "eps": "fp32", "stride_xm": "i32", "stride_rm": "i32", "stride_routm": "i32",
-            "stride_qm": "i32", "stride_sm": "i32"}
+            "stride_qm": "i32", "stride_sm": "i32", "stride_ym": "i32"}
     silu = {"gu_ptr": act, "q_ptr": q, "s_ptr": "*fp32", "M": "i32", "I": "i32",
             "stride_gm": "i32", "stride_qm": "i32", "stride_sm": "i32"}
     sigs = {"act_quant_kernel": plain, "rmsnorm_quant_kernel": norm, "silu_mul_quant_kernel": silu}
@@ -240,16 +258,22 @@ def launch_act_quant(x, q, s, ue8m0: bool, config: dict) -> None:
                            **_kw("quant", ue8m0, config))
 
 
-def launch_rmsnorm_quant(x, residual, weight, eps, q, s, residual_out, ue8m0: bool, config: dict) -> None:
-    """RMSNorm(x (+ residual)) * weight -> (q, s); residual_out gets x + residual when residual is given."""
+def launch_rmsnorm_quant(x, residual, weight, eps, q, s, residual_out, ue8m0: bool, config: dict, y=None) -> None:
+    """RMSNorm(x (+ residual)) * weight -> (q, s) (q None: not quantised), y (when given) the normed x;
+    residual_out gets x + residual when residual is given."""
     M, K = x.shape
     has_res = residual is not None
     r = residual if has_res else x
     rout = residual_out if has_res else x
+    op = ("add_rmsnorm_normed" if y is not None else "add_rmsnorm") if has_res else ("rmsnorm" if y is None else "norm")
+    if q is None and op != "norm":
+        raise ValueError("an unquantised RMSNorm stores y and has no residual")
+    qb, ss = (_bits(q), s) if q is not None else (y, y)
+    yy = y if y is not None else x
     rmsnorm_quant_kernel[(triton.cdiv(M, config["BLOCK_M"]),)](
-        x, r, weight, _bits(q), s, rout, M, K, float(eps),
-        x.stride(0), r.stride(0), rout.stride(0), q.stride(0), s.stride(0),
-        **_kw("add_rmsnorm" if has_res else "rmsnorm", ue8m0, config))
+        x, r, weight, qb, ss, rout, yy, M, K, float(eps),
+        x.stride(0), r.stride(0), rout.stride(0), qb.stride(0), ss.stride(0), yy.stride(0),
+        **_kw(op, ue8m0, config))
 
 
 def launch_silu_mul_quant(gate_up, q, s, ue8m0: bool, config: dict) -> None:

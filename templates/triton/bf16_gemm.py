@@ -23,11 +23,13 @@ STEM = "bf16_gemm"
 
 @dataclasses.dataclass(frozen=True)
 class Problem(ProblemBase):
-    """D[M, N] = A[M, K] @ B[N, K]^T, operands and output of `dtype` ("bf16" | "fp16"). M = tokens."""
+    """D[M, N] = A[M, K] @ B[N, K]^T, operands of `dtype` ("bf16" | "fp16"), output of out_dtype ("": dtype; "fp32":
+    e.g. an LM head's logits). M = tokens."""
     M: int
     N: int
     K: int
     dtype: str = "bf16"
+    out_dtype: str = ""
     BUCKETS = {"M": "pow2"}
 
 SPACE = {
@@ -122,7 +124,7 @@ def compile_specs(problem, config: dict) -> list[CompileSpec]:
     """The one kernel of this stem, for operands and output of the problem's dtype."""
     problem = Problem.of(problem)
     t = element(problem.dtype)
-    sig = {"a_ptr": t, "b_ptr": t, "d_ptr": t}
+    sig = {"a_ptr": t, "b_ptr": t, "d_ptr": element(problem.out_dtype or problem.dtype)}
     sig.update({name: "i32" for name in ("M", "N", "K", "stride_am", "stride_bn", "stride_dm")})
     kw = bind(problem, config)["bf16_gemm_kernel"]
     consts = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}

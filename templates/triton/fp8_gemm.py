@@ -10,6 +10,9 @@ masks off the inner loop. SPLIT_K > 1 writes fp32 partial sums to a [SPLIT_K, M,
 reduces; it pays for small M with large K (M = 64, N = 2112, K = 7168 is 17 tiles of 128 on 132 SMs).
 UPCAST = 1 (for sm_80, which has neither fp8 tensor cores nor an e4m3 type in Triton) takes A and B as raw uint8
 bytes and decodes them to fp16 before the dot (exact: every e4m3 value is an fp16 value).
+HAS_RES = 1 adds a residual R [M, N] (D's dtype) in the epilogue: D = round(round(A B^T) + R), the two roundings of
+a GEMM followed by a separate add (a block's residual stream after its MLP's down projection). With SPLIT_K > 1 the
+launcher adds it after the reduction.
 """
 from __future__ import annotations
 
@@ -24,17 +27,20 @@ from dskc.build.triton_xc import CompileSpec
 from dskc.templates.triton._gemm_common import (GEMM_TILES, SMEM_LIMIT, e4m3_bits_to_fp16, gemm_rule, num_tiles,
                                                 tile_coords)
 from dskc.templates.triton._problem import ProblemBase, element, launch as _launch
+from dskc.templates.triton.act_quant import _round_to
 
 STEM = "fp8_gemm_1d2d"
 
 
 @dataclasses.dataclass(frozen=True)
 class Problem(ProblemBase):
-    """D[M, N] (out_dtype) = A[M, K] e4m3 x B[N, K] e4m3, 1x128 / 128x128 scales. M = tokens."""
+    """D[M, N] (out_dtype) = A[M, K] e4m3 x B[N, K] e4m3, 1x128 / 128x128 scales, + a residual [M, N] (residual = 1).
+    M = tokens."""
     M: int
     N: int
     K: int
     out_dtype: str = "bf16"
+    residual: int = 0
     BUCKETS = {"M": "pow2"}
 
 SPACE = {
@@ -88,14 +94,15 @@ def rule(problem: Problem, family: str, base: dict, sms: int, fits) -> dict:
 
 
 @functools.lru_cache(maxsize=256)
-def _bound(config_items: tuple) -> dict:
+def _bound(config_items: tuple, residual: int) -> dict:
     config = dict(config_items)
-    return _launch({name: config[name] for name in _CONSTEXPRS}, config)
+    has_res = int(bool(residual) and config["SPLIT_K"] == 1)     # split-K: added after the launcher's reduction
+    return _launch({**{name: config[name] for name in _CONSTEXPRS}, "HAS_RES": has_res}, config)
 
 
 def bind(problem: Problem, config: dict) -> dict:
     """{kernel name: launch keyword arguments} for (problem, config): what compile_specs builds and launch passes."""
-    return {"fp8_gemm_1d2d_kernel": _bound(tuple(sorted(config.items())))}
+    return {"fp8_gemm_1d2d_kernel": _bound(tuple(sorted(config.items())), int(getattr(problem, "residual", 0)))}
 
 
 def cost(problem: dict) -> tuple[float, float]:
@@ -106,11 +113,12 @@ def cost(problem: dict) -> tuple[float, float]:
 
 
 @triton.jit
-def fp8_gemm_1d2d_kernel(a_ptr, b_ptr, d_ptr, sa_ptr, sb_ptr, M, N, K,
+def fp8_gemm_1d2d_kernel(a_ptr, b_ptr, d_ptr, sa_ptr, sb_ptr, r_ptr, M, N, K,
                          stride_am, stride_bn, stride_dm, stride_dsplit,
-                         stride_sam, stride_sak, stride_sbn, stride_sbk,
+                         stride_sam, stride_sak, stride_sbn, stride_sbk, stride_rm,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST: tl.constexpr):
+                         GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST: tl.constexpr,
+                         HAS_RES: tl.constexpr):
     tl.assume(stride_am % 16 == 0)
     tl.assume(stride_bn % 16 == 0)
     pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -159,6 +167,9 @@ def fp8_gemm_1d2d_kernel(a_ptr, b_ptr, d_ptr, sa_ptr, sb_ptr, M, N, K,
     d_rows = pid_k.to(tl.int64) * stride_dsplit + offs_m.to(tl.int64) * stride_dm
     d_ptrs = d_ptr + d_rows[:, None] + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_RES:   # round(round(acc) + r): the GEMM's output, then the add's (round to nearest even, as torch's add)
+        r = tl.load(r_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+        acc = _round_to(acc.to(d_ptr.dtype.element_ty).to(tl.float32) + r.to(tl.float32), d_ptr.dtype.element_ty)
     tl.store(d_ptrs, acc.to(d_ptr.dtype.element_ty), mask=mask)
 
 
@@ -167,9 +178,10 @@ def compile_specs(problem, config: dict) -> list[CompileSpec]:
     problem = Problem.of(problem)
     d_type = "*fp32" if config["SPLIT_K"] > 1 else element(problem.out_dtype)
     ab = "*u8" if config["UPCAST"] else "*fp8e4nv"
-    sig = {"a_ptr": ab, "b_ptr": ab, "d_ptr": d_type, "sa_ptr": "*fp32", "sb_ptr": "*fp32"}
+    sig = {"a_ptr": ab, "b_ptr": ab, "d_ptr": d_type, "sa_ptr": "*fp32", "sb_ptr": "*fp32",
+           "r_ptr": element(problem.out_dtype)}
     sig.update({name: "i32" for name in ("M", "N", "K", "stride_am", "stride_bn", "stride_dm", "stride_dsplit",
-                                         "stride_sam", "stride_sak", "stride_sbn", "stride_sbk")})
+                                         "stride_sam", "stride_sak", "stride_sbn", "stride_sbk", "stride_rm")})
     kw = bind(problem, config)["fp8_gemm_1d2d_kernel"]
     consts = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
     sig.update({name: "constexpr" for name in consts})
@@ -177,8 +189,9 @@ def compile_specs(problem, config: dict) -> list[CompileSpec]:
                              num_warps=kw["num_warps"], num_stages=kw["num_stages"])]
 
 
-def launch(a, sa, b, sb, out, config: dict, problem: Problem | None = None) -> None:
-    """Run the kernel on checked inputs (dskc.ops.fp8.fp8_gemm does the checking): out[M, N] is written."""
+def launch(a, sa, b, sb, out, config: dict, problem: Problem | None = None, residual=None) -> None:
+    """Run the kernel on checked inputs (dskc.ops.fp8.fp8_gemm does the checking): out[M, N] is written
+    (+ residual [M, N] of out's dtype when the problem has one)."""
     M, K = a.shape
     N = b.shape[0]
     split = config["SPLIT_K"]
@@ -186,12 +199,16 @@ def launch(a, sa, b, sb, out, config: dict, problem: Problem | None = None) -> N
     grid = (num_tiles(M, N, config["BLOCK_M"], config["BLOCK_N"]), split)
     if config["UPCAST"]:
         a, b = a.view(torch.uint8), b.view(torch.uint8)
+    r = residual if residual is not None else out
     fp8_gemm_1d2d_kernel[grid](
-        a, b, target, sa, sb, M, N, K,
+        a, b, target, sa, sb, r, M, N, K,
         a.stride(0), b.stride(0), target.stride(-2), target.stride(0) if split > 1 else 0,
-        sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1), **bind(problem, config)["fp8_gemm_1d2d_kernel"])
+        sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1), r.stride(0),
+        **bind(problem, config)["fp8_gemm_1d2d_kernel"])
     if split > 1:
         torch.sum(target, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(target.sum(dim=0))
+        if residual is not None:
+            out.add_(residual)
 
 
 def runner(problem: dict, config: dict, device: str, routing=None) -> dict:

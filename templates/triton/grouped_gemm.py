@@ -12,7 +12,9 @@ Which expert a program multiplies:
     each expert's segment starts on a multiple of BLOCK_M (DeepGEMM aligns to 128; BLOCK_M divides 128);
   contiguous, ROWS_PER_ID = ALIGN > 1: one id per ALIGN-row block (dskc's moe_permute `block_expert`), BLOCK_M
     divides ALIGN; every row of a block is stored (padding rows hold garbage nobody reads);
-  masked (MASKED = 1): program -> (expert, M-block); M-blocks at or past masked_m[e] return at once.
+  masked (MASKED = 1): program -> (expert, M-block); M-blocks at or past masked_m[e] return at once;
+  dense, ROWS_PER_ID = 0: every row is expert 0's (a dense layer's weights as a one-expert stack: its SwiGLU MLP's
+    [w1; w3] GEMM with the SwiGLU + quantisation epilogue), no id tensor read.
 Programs whose expert is -1 return at once, so the static worst-case row space costs a launch, not work.
 Ids outside [0, E) (any negative, or >= E) are treated as -1: the row is not computed nor stored, and B is never
 read outside its E experts (dskc.ops refuses such ids before the launch when it may read them; under CUDA-graph
@@ -23,6 +25,10 @@ Epilogues (EPILOGUE): 0 = none; 1 = SwiGLU: B holds the gate rows, Bu the up row
   Bu is B offset by N_OUT rows), C = silu(A B^T) * (A Bu^T), N_OUT columns; 2 = SwiGLU quantised to e4m3 with one
   fp32 scale per 128 columns (BLOCK_N == 128), written to C and sc [R, N_OUT/128], the next GEMM's A operand.
 ROW_WEIGHT = 1 multiplies each row by rw[row] (the routing weight) before the store.
+
+Rows as (token, k) assignments (fused_moe: no gather kernel, vLLM's fused MoE does the same): the layout's sorted
+ids src[row] = token * TOP_K + k give, with GATHER_A = 1, each row's A row (token src // TOP_K of the [T, K] token
+rows and their scales), and with ROW_WEIGHT = 2 its routing weight rw[src] (rw: the router's [T, TOP_K] weights).
 """
 from __future__ import annotations
 
@@ -45,9 +51,11 @@ class Problem(ProblemBase):
     """E experts; M rows of the layout (contiguous: the padded row space; masked: E * M_max); N output columns
     (N_out: the SwiGLU epilogues read 2N weight rows); K; dtype of A and B ("fp8" | "bf16" | "fp16");
     layout "contiguous" | "masked"; epilogue "none" | "swiglu" | "swiglu_quant" | "weight"; rows_per_id: rows
-    sharing one expert id (1: DeepGEMM's m_indices or the masked layout; align: dskc's per-block `block_expert`);
+    sharing one expert id (1: DeepGEMM's m_indices or the masked layout; align: dskc's per-block `block_expert`;
+    0: dense, every row is expert 0's);
     out_dtype: C's dtype unless the epilogue quantises ("bf16" | "fp16" | "fp32"); stacked_up: 1 when the SwiGLU
-    up half is a view into a stacked [gate; up] weight (fused_moe), whose up scales may not start 16-byte aligned."""
+    up half is a view into a stacked [gate; up] weight (fused_moe), whose up scales may not start 16-byte aligned;
+    gather: "a" (A's rows) or "weight" (the routing weights) read through the layout's sorted ids ("": neither)."""
     E: int
     M: int
     N: int
@@ -58,6 +66,7 @@ class Problem(ProblemBase):
     rows_per_id: int = 1
     out_dtype: str = "bf16"
     stacked_up: int = 0
+    gather: str = ""
     BUCKETS = {"M": "pow2"}
 
 SMEM_LIMIT = 232448  # bytes per block on sm_90 (REFERENCE.md section 4)
@@ -109,9 +118,9 @@ def problem_names() -> tuple[str, ...]:
 def rule(problem: Problem, family: str, base: dict, sms: int, fits) -> dict:
     """Masked layout (decode) and per-row expert ids (the shared experts, DeepGEMM's m_indices): M-blocks past an
     expert's rows do no work, so the tile height follows the rows per expert (down to the family's MMA height:
-    16 on sm_80, 64 on sm_90 / sm_100, where it is the base; 4 warps under 64 rows); the per-block layout pads
-    every expert to `rows_per_id` rows and stores them all: the base."""
-    if problem.layout != "masked" and problem.rows_per_id != 1:
+    16 on sm_80, 64 on sm_90 / sm_100, where it is the base; 4 warps under 64 rows); the dense mode (rows_per_id 0)
+    likewise; the per-block layout pads every expert to `rows_per_id` rows and stores them all: the base."""
+    if problem.layout != "masked" and problem.rows_per_id > 1:
         return dict(base)
     low = MIN_BLOCK_M.get(family, 16)
     bm = max(low, min(base["BLOCK_M"], pow2(-(-problem.M // max(1, problem.E)))))
@@ -124,7 +133,8 @@ def _bound(problem: "Problem", config_items: tuple, interpret: bool) -> dict:
     config = dict(config_items)
     cx = {"FP8": int(problem.dtype == "fp8"), "MASKED": int(problem.layout == "masked"),
           "ROWS_PER_ID": problem.rows_per_id, "EPILOGUE": EPILOGUES[problem.epilogue],
-          "ROW_WEIGHT": int(problem.epilogue == "weight"), "BLOCK_M": config["BLOCK_M"],
+          "ROW_WEIGHT": (2 if problem.gather == "weight" else 1) if problem.epilogue == "weight" else 0,
+          "GATHER_A": int(problem.gather == "a"), "BLOCK_M": config["BLOCK_M"],
           "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"], "INTERP_FIX": int(interpret)}
     return {"grouped_gemm_kernel": _launch(cx, config)}
 
@@ -155,8 +165,8 @@ def compile_specs(problem, config: dict) -> list[CompileSpec]:
     out = "*fp8e4nv" if problem.epilogue == "swiglu_quant" else element(problem.out_dtype)
     sig = {"a_ptr": op, "sa_ptr": "*fp32", "b_ptr": op, "bu_ptr": op, "sb_ptr": "*fp32", "sbu_ptr": "*fp32",
            "c_ptr": out, "sc_ptr": "*fp32", "eid_ptr": "*i32", "mcount_ptr": "*i32", "rw_ptr": "*fp32",
-           "M": "i32", "E": "i32", "N_OUT": "i32", "K": "i32", "M_MAX": "i32", "stride_be": "i32",
-           "stride_sbe": "i32", "stride_sae": "i32", "stride_sam": "i32", "stride_sak": "i32"}
+           "src_ptr": "*i32", "M": "i32", "E": "i32", "N_OUT": "i32", "K": "i32", "M_MAX": "i32", "TOP_K": "i32",
+           "stride_be": "i32", "stride_sbe": "i32", "stride_sae": "i32", "stride_sam": "i32", "stride_sak": "i32"}
     # the launcher passes the int32 expert-id tensor in place of every pointer the problem leaves unused
     swiglu = problem.epilogue.startswith("swiglu")
     unused = [] if fp8 else ["sa_ptr", "sb_ptr"]
@@ -190,7 +200,10 @@ def _expert_rows(pid_m, eid_ptr, mcount_ptr, M, E, M_MAX, MASKED: tl.constexpr, 
         e = tl.where(local0 < count, e, -1)
     else:
         row0 = pid_m * BLOCK_M
-        if ROWS_PER_ID == 1:
+        if ROWS_PER_ID == 0:        # dense: one expert
+            e = pid_m * 0
+            keep = row0 + offs < M
+        elif ROWS_PER_ID == 1:
             ids = tl.load(eid_ptr + row0 + offs, mask=row0 + offs < M, other=-1)
             ids = tl.where(ids < E, ids, -1)
             e = tl.max(ids, 0)
@@ -200,6 +213,25 @@ def _expert_rows(pid_m, eid_ptr, mcount_ptr, M, E, M_MAX, MASKED: tl.constexpr, 
             e = tl.where(e < E, e, -1)
             keep = row0 + offs < M
     return e, row0, keep
+
+
+@triton.jit
+def _a_rows(a_ptr, sa_ptr, src, keep, e, row0, offs_m, offs_k, K, M_MAX, TOP_K, stride_sae, stride_sam,
+            MASKED: tl.constexpr, GATHER_A: tl.constexpr):
+    """(A tile pointers [BLOCK_M, BLOCK_K], A scale pointers [BLOCK_M]) of the block's rows: the layout's own rows,
+    or (GATHER_A) each row's token src // TOP_K of the [T, K] token rows. Rows not stored read a valid row (no
+    masks in the K loop)."""
+    if GATHER_A:
+        tok = tl.where(keep & (src >= 0), src // TOP_K, 0).to(tl.int64)
+        return tl.multiple_of(a_ptr + tok[:, None] * K + offs_k[None, :], [16, 16]), sa_ptr + tok * stride_sam
+    local_a = tl.where(keep, offs_m, 0)
+    row0_64 = row0.to(tl.int64)
+    a_ptrs = tl.multiple_of(a_ptr + row0_64 * K + local_a[:, None] * K + offs_k[None, :], [16, 16])
+    if MASKED:  # sa may be strided (DeepGEMM's MN-major scales): index it by (expert, row in expert, K block)
+        sa_base = e.to(tl.int64) * stride_sae + (row0 - e * M_MAX).to(tl.int64) * stride_sam
+    else:
+        sa_base = row0_64 * stride_sam
+    return a_ptrs, sa_ptr + sa_base + local_a * stride_sam
 
 
 @triton.jit
@@ -214,9 +246,9 @@ def _scaled_dot(acc, a, b_ptrs, s_ab, FP8: tl.constexpr):
 
 @triton.jit
 def grouped_gemm_kernel(a_ptr, sa_ptr, b_ptr, bu_ptr, sb_ptr, sbu_ptr, c_ptr, sc_ptr, eid_ptr, mcount_ptr, rw_ptr,
-                        M, E, N_OUT, K, M_MAX, stride_be, stride_sbe, stride_sae, stride_sam, stride_sak,
-                        FP8: tl.constexpr, MASKED: tl.constexpr, ROWS_PER_ID: tl.constexpr,
-                        EPILOGUE: tl.constexpr, ROW_WEIGHT: tl.constexpr,
+                        src_ptr, M, E, N_OUT, K, M_MAX, TOP_K, stride_be, stride_sbe, stride_sae, stride_sam,
+                        stride_sak, FP8: tl.constexpr, MASKED: tl.constexpr, ROWS_PER_ID: tl.constexpr,
+                        EPILOGUE: tl.constexpr, ROW_WEIGHT: tl.constexpr, GATHER_A: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         INTERP_FIX: tl.constexpr):
     e, row0, keep = _expert_rows(tl.program_id(0), eid_ptr, mcount_ptr, M, E, M_MAX, MASKED, ROWS_PER_ID,
@@ -229,20 +261,19 @@ def grouped_gemm_kernel(a_ptr, sa_ptr, b_ptr, bu_ptr, sb_ptr, sbu_ptr, c_ptr, sc
     offs_k = tl.arange(0, BLOCK_K)
     # Rows not stored read row0 and columns past N_OUT wrap: no masks in the K loop, and scalar int64 bases keep
     # the [E, M_MAX, K] / [E, N, K] offsets (up to 7.5e9 elements) out of the per-element int32 offsets.
-    local_a = tl.where(keep, offs_m, 0)
     cols_b = cols % N_OUT
     row0_64 = row0.to(tl.int64)
-    a_ptrs = tl.multiple_of(a_ptr + row0_64 * K + local_a[:, None] * K + offs_k[None, :], [16, 16])
+    if GATHER_A or ROW_WEIGHT == 2:     # each row's (token, k) assignment
+        src = tl.load(src_ptr + row0_64 + offs_m, mask=keep, other=-1)
+    else:
+        src = tl.full([BLOCK_M], -1, tl.int32)
+    a_ptrs, sa_ptrs = _a_rows(a_ptr, sa_ptr, src, keep, e, row0, offs_m, offs_k, K, M_MAX, TOP_K, stride_sae,
+                              stride_sam, MASKED, GATHER_A)
     b_base = e.to(tl.int64) * stride_be
     b_off = cols_b[None, :] * K + offs_k[:, None]
     b_ptrs = tl.multiple_of(b_ptr + b_base + b_off, [16, 16])
     bu_ptrs = tl.multiple_of(bu_ptr + b_base + b_off, [16, 16])
     kb = K // 128
-    if MASKED:  # sa may be strided (DeepGEMM's MN-major scales): index it by (expert, row in expert, K block)
-        sa_base = e.to(tl.int64) * stride_sae + (row0 - e * M_MAX).to(tl.int64) * stride_sam
-    else:
-        sa_base = row0_64 * stride_sam
-    sa_ptrs = sa_ptr + sa_base + local_a * stride_sam
     sb_ptrs = sb_ptr + e * stride_sbe + (pid_n * BLOCK_N // 128) * kb
     sbu_ptrs = sbu_ptr + e * stride_sbe + (pid_n * BLOCK_N // 128) * kb
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -264,8 +295,10 @@ def grouped_gemm_kernel(a_ptr, sa_ptr, b_ptr, bu_ptr, sb_ptr, sbu_ptr, c_ptr, sc
         bu_ptrs += BLOCK_K
     if EPILOGUE > 0:
         acc = acc * tl.sigmoid(acc) * acc_u
-    if ROW_WEIGHT:
+    if ROW_WEIGHT == 1:
         acc = acc * tl.load(rw_ptr + row0_64 + offs_m, mask=keep, other=0.0)[:, None]
+    elif ROW_WEIGHT == 2:
+        acc = acc * tl.load(rw_ptr + tl.where(src >= 0, src, 0), mask=keep & (src >= 0), other=0.0)[:, None]
     c_ptrs = c_ptr + row0_64 * N_OUT + offs_m[:, None] * N_OUT + cols[None, :]
     smask = keep[:, None] & (cols < N_OUT)[None, :]
     if EPILOGUE == 2:  # as act_quant: a NaN / inf element becomes e4m3 NaN and stays out of the row's amax

@@ -10,7 +10,8 @@ Kernels:
       work is all in one part is written straight to (out, lse); otherwise each piece writes an fp32 partial
       (o, lse) into slot cum_splits[b] + split index of an accumulator.
   `mla_decode_combine_kernel` grid (batch, ceil(rows / BLOCK_R)): merges the partials of split batches; writes
-      out = 0, lse = -inf for empty sequences (seqlen 0).
+      out = 0, lse = -inf for empty sequences (seqlen 0). Launched only for a split schedule (Problem.split = 1):
+      with one part per sequence (split = 0) every sequence is written by the split kernel, empty ones included.
 Query rows are (s, h) flattened with h fastest; query row s sees keys [0, seqlen - s_q + s] when causal.
 Values outside the contract are confined, never read out of bounds (dskc.ops checks them with a sync, except while
 a CUDA graph is captured): a seqlen is clamped to [0, max_blocks * PAGE] and a token whose page id is outside
@@ -35,7 +36,8 @@ STEM = "mla_decode"
 class Problem(ProblemBase):
     """batch sequences of s_q new query tokens x h_q heads against `seqlen` cached tokens in pages of page_size;
     kv_fp8: the 656-byte FP8 cache (else a dense cache of `dtype`); dtype of q / out ("bf16" | "fp16" | "fp32");
-    causal: the new tokens see each other causally (applies when s_q > 1)."""
+    causal: the new tokens see each other causally (applies when s_q > 1); split: the balanced split-KV schedule
+    with its combine kernel (1), or one part per sequence and no combine (0; see split_pays)."""
     batch: int
     s_q: int
     h_q: int
@@ -44,11 +46,13 @@ class Problem(ProblemBase):
     kv_fp8: int = 0
     dtype: str = "bf16"
     causal: int = 1
+    split: int = 1
     BUCKETS = {"batch": "pow2", "s_q": "pow2", "seqlen": "pow2"}
 
     def __post_init__(self):
         object.__setattr__(self, "kv_fp8", int(bool(self.kv_fp8)))
         object.__setattr__(self, "causal", int(bool(self.causal)))
+        object.__setattr__(self, "split", int(bool(self.split)))
 D_LATENT = 512
 D_ROPE = 64
 D_QK = D_LATENT + D_ROPE
@@ -102,16 +106,31 @@ def rule(problem: Problem, family: str, base: dict, sms: int, fits) -> dict:
 
 
 COMBINE = {"BLOCK_R": 8, "num_warps": 4, "num_stages": 1}
+# A split costs about 5 tiles of 64 keys of setup and combine (FlashMLA's estimate), so splitting a sequence in two
+# pays only past twice that; a cache that cannot hold a longer sequence never splits.
+SPLIT_MIN_TOKENS = 2 * 5 * 64
+
+
+def split_pays(batch: int, rows: int, cache_tokens: int, sms: int) -> bool:
+    """Whether a decode of `batch` sequences x `rows` query rows over a cache of `cache_tokens` per sequence takes
+    the balanced split-KV schedule (with its combine launch) rather than one part per sequence: only when the
+    sequences can be long enough for a split to pay and the unsplit grid (64-row blocks x two value halves, the
+    default tile) leaves SMs idle. Decided from static facts, so a captured CUDA graph knows its launches."""
+    programs = batch * -(-rows // 64) * 2
+    return cache_tokens > SPLIT_MIN_TOKENS and programs < sms
 
 
 def bind(problem: Problem, config: dict) -> dict:
-    """{kernel name: launch keyword arguments}: the split kernel and the combine kernel."""
+    """{kernel name: launch keyword arguments}: the split kernel, and the combine kernel when the schedule
+    splits (problem.split)."""
     fp8 = bool(problem.kv_fp8)
     split = {"PAGE": problem.page_size, **token_strides(fp8), "CAUSAL": bool(problem.causal) and problem.s_q > 1,
              "FP8": fp8, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"],
              "BLOCK_DV": config["BLOCK_DV"]}
-    return {"mla_decode_split_kernel": _launch(split, config),
-            "mla_decode_combine_kernel": _launch({"BLOCK_R": COMBINE["BLOCK_R"]}, COMBINE)}
+    out = {"mla_decode_split_kernel": _launch(split, config)}
+    if problem.split:
+        out["mla_decode_combine_kernel"] = _launch({"BLOCK_R": COMBINE["BLOCK_R"]}, COMBINE)
+    return out
 
 
 @triton.jit
@@ -176,6 +195,18 @@ def _tile_update(q_ptr, q_off, row_mask, kv_ptr, sc_ptr, rope_ptr, block_table_p
 
 
 @triton.jit
+def _write_empty(out_ptr, lse_ptr, b, rows, n_rows, row_mask, dv, dv0, h_idx, s_idx, stride_lb, stride_lh,
+                 BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """out = 0 and lse = -inf for the rows of an empty sequence b (what the combine writes for a split schedule)."""
+    o_off = (b.to(tl.int64) * n_rows + rows) * _DL
+    tl.store(out_ptr + o_off[:, None] + dv[None, :], tl.zeros([BLOCK_M, BLOCK_DV], tl.float32).to(
+        out_ptr.dtype.element_ty), mask=row_mask[:, None])
+    if dv0 == 0:
+        tl.store(lse_ptr + b * stride_lb + h_idx * stride_lh + s_idx, tl.full([BLOCK_M], float("-inf"), tl.float32),
+                 mask=row_mask)
+
+
+@triton.jit
 def mla_decode_split_kernel(
         q_ptr, kv_ptr, sc_ptr, rope_ptr, block_table_ptr, seqlens_ptr, meta_ptr, cum_splits_ptr,
         out_ptr, lse_ptr, oacc_ptr, lacc_ptr,
@@ -209,7 +240,10 @@ def mla_decode_split_kernel(
         seqlen = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b), 0), max_tok)   # within the block table
         t_lo = tl.where(b == begin_b, begin_tile, 0)
         t_hi = tl.minimum(tl.where(b == end_b, end_tile, tl.cdiv(seqlen, BLOCK_N)), tl.cdiv(seqlen, BLOCK_N))
-        if t_lo < t_hi:
+        if tl.load(cum_splits_ptr + b + 1) == tl.load(cum_splits_ptr + b):   # an empty sequence: 0 and -inf
+            _write_empty(out_ptr, lse_ptr, b, rows, n_rows, row_mask, dv, dv0, h_idx, s_idx, stride_lb, stride_lh,
+                         BLOCK_M, BLOCK_DV)
+        elif t_lo < t_hi:
             q_off = (b.to(tl.int64) * n_rows + rows) * _DQK
             if CAUSAL:
                 limit = seqlen - S_Q + s_idx

@@ -26,12 +26,15 @@ STEM = "mla_rope"
 
 @dataclasses.dataclass(frozen=True)
 class Problem(ProblemBase):
-    """`tokens` rows of kv_a and q_pe (h_q heads) of `dtype`; write_cache: into a paged cache (FP8 when kv_fp8)."""
+    """`tokens` rows of kv_a and q_pe (h_q heads; 0: no query) of `dtype`; write_cache: into a paged cache (FP8 when
+    kv_fp8); in_dtype: kv_a's (and the latent / k_pe outputs') dtype when it differs from `dtype` ("": the same),
+    e.g. a bf16 projection feeding an fp16 cache under the interpreter."""
     tokens: int
     h_q: int
     kv_fp8: int = 0
     dtype: str = "bf16"
     write_cache: int = 1
+    in_dtype: str = ""
     BUCKETS = {"tokens": "pow2"}
 
     def __post_init__(self):
@@ -119,10 +122,12 @@ def mla_rope_norm_kernel(kv_a_ptr, weight_ptr, rope_tab_ptr, pos_ptr, q_ptr, kv_
 def compile_specs(problem, config: dict) -> list[CompileSpec]:
     problem = Problem.of(problem)
     dt = element(problem.dtype)
+    ind = element(problem.in_dtype or problem.dtype)
     fp8 = bool(problem.kv_fp8) and bool(problem.write_cache)
-    cache = ("*u8", "*fp32", "*bf16") if fp8 else ((dt, dt, dt) if problem.write_cache else (dt, dt, dt))
-    sig = {"kv_a_ptr": dt, "weight_ptr": dt, "rope_tab_ptr": "*fp32", "pos_ptr": "*i32", "q_ptr": dt,
-           "kv_out_ptr": dt, "pe_out_ptr": dt, "slots_ptr": "*i32", "cache_ptr": cache[0], "sc_ptr": cache[1],
+    cache = ("*u8", "*fp32", "*bf16") if fp8 else ((dt, dt, dt) if problem.write_cache else (ind, ind, ind))
+    sig = {"kv_a_ptr": ind, "weight_ptr": dt, "rope_tab_ptr": "*fp32", "pos_ptr": "*i32",
+           "q_ptr": dt if problem.h_q else ind, "kv_out_ptr": ind, "pe_out_ptr": ind, "slots_ptr": "*i32",
+           "cache_ptr": cache[0], "sc_ptr": cache[1],
            "crope_ptr": cache[2], "T": "i32", "H": "i32", "stride_kv_t": "i32", "stride_qt": "i32",
            "stride_qh": "i32", "max_pos": "i32", "capacity": "i32", "eps": "fp32"}
     kw = bind(problem, config)["mla_rope_norm_kernel"]

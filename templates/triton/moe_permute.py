@@ -21,7 +21,8 @@ Kernels (all deterministic; no atomics anywhere):
                         fp32 scale per 128 channels, amax clamped to 1e-4, scale = amax / 448; a NaN / inf
                         element becomes e4m3 NaN and stays out of the amax, as in act_quant), and
                         row_weight[row] = routing weight of that assignment. Padding rows are not written.
-  moe_combine_kernel    out[t] = sum_j y[dest[t * top_k + j]] (+ shared[t]), summed in fp32 in a fixed j order.
+  moe_combine_kernel    out[t] = sum_j y[dest[t * top_k + j]] (+ shared[t]), summed in fp32 in a fixed j order;
+                        HAS_RES: out[t] = round(round(that) + residual[t]), a block's residual add in the same pass.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import triton.language as tl
 
 from dskc.build.triton_xc import CompileSpec
 from dskc.templates.triton._moe_common import to_e4m3
+from dskc.templates.triton.act_quant import _round_to
 from dskc.templates.triton._problem import ProblemBase, element, launch as _launch
 
 STEM = "moe_permute"
@@ -41,7 +43,8 @@ STEM = "moe_permute"
 class Problem(ProblemBase):
     """T tokens x top_k assignments over E experts, D channels; the contiguous layout pads each expert to `align`
     rows (masked = 1: [E, T] rows); quant: the gather quantises x (`dtype`) to e4m3; shared: the combine adds the
-    shared experts' output."""
+    shared experts' output; residual: the combine adds a residual stream; op: the kernels the launch runs:
+    "align" (count, scan, scatter, fill), "gather", "combine", or "" for all of them."""
     T: int
     E: int
     top_k: int
@@ -51,6 +54,8 @@ class Problem(ProblemBase):
     quant: int = 1
     dtype: str = "bf16"
     shared: int = 1
+    residual: int = 0
+    op: str = ""
     BUCKETS = {"T": "pow2"}
 
 SPACE = {
@@ -100,17 +105,27 @@ def gather_kwargs(quant: int, config: dict, interpret: bool = False) -> dict:
                     "INTERP_FIX": int(interpret)}, config, 1)
 
 
-def combine_kwargs(top_k: int, shared: int, config: dict) -> dict:
+def combine_kwargs(top_k: int, shared: int, config: dict, residual: int = 0) -> dict:
     """Launch keyword arguments of moe_combine's kernel."""
-    return _launch({"TOP_K": top_k, "HAS_SHARED": int(shared), "BLOCK_T": config["COMBINE_T"],
-                    "BLOCK_N": config["BLOCK_N"]}, config, 1)
+    return _launch({"TOP_K": top_k, "HAS_SHARED": int(shared), "HAS_RES": int(residual),
+                    "BLOCK_T": config["COMBINE_T"], "BLOCK_N": config["BLOCK_N"]}, config, 1)
+
+
+OPS = ("align", "gather", "combine")
 
 
 def bind(problem: Problem, config: dict, interpret: bool = False) -> dict:
-    """{kernel name: launch keyword arguments} of every kernel the problem launches."""
-    return {**align_kwargs(problem.E, problem.align, problem.masked, config),
-            "moe_gather_kernel": gather_kwargs(problem.quant, config, interpret),
-            "moe_combine_kernel": combine_kwargs(problem.top_k, problem.shared, config)}
+    """{kernel name: launch keyword arguments} of every kernel the problem launches (its op's, or all)."""
+    if problem.op not in OPS + ("",):
+        raise ValueError(f"moe_permute op must be one of {OPS} or '' (all), got {problem.op!r}")
+    out = {}
+    if problem.op in ("", "align"):
+        out.update(align_kwargs(problem.E, problem.align, problem.masked, config))
+    if problem.op in ("", "gather"):
+        out["moe_gather_kernel"] = gather_kwargs(problem.quant, config, interpret)
+    if problem.op in ("", "combine"):
+        out["moe_combine_kernel"] = combine_kwargs(problem.top_k, problem.shared, config, problem.residual)
+    return out
 
 
 def cost(problem: dict) -> tuple[float, float]:
@@ -138,8 +153,8 @@ def compile_specs(problem, config: dict) -> list[CompileSpec]:
         "moe_gather_kernel": {"x_ptr": act, "sorted_ptr": "*i32", "w_ptr": "*fp32",
                               "a_ptr": "*fp8e4nv" if problem.quant else act, "sa_ptr": "*fp32", "rw_ptr": "*fp32",
                               "R": "i32", "D": "i32", "TOP_K": "i32"},
-        "moe_combine_kernel": {"y_ptr": act, "dest_ptr": "*i32", "shared_ptr": act, "out_ptr": act, "T": "i32",
-                               "N": "i32"},
+        "moe_combine_kernel": {"y_ptr": act, "dest_ptr": "*i32", "shared_ptr": act, "res_ptr": act, "out_ptr": act,
+                               "T": "i32", "N": "i32"},
     }
     specs = []
     for kernel, kw in bind(problem, config).items():
@@ -268,8 +283,8 @@ def moe_gather_kernel(x_ptr, sorted_ptr, w_ptr, a_ptr, sa_ptr, rw_ptr, R, D, TOP
 
 
 @triton.jit
-def moe_combine_kernel(y_ptr, dest_ptr, shared_ptr, out_ptr, T, N,
-                       TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_T: tl.constexpr,
+def moe_combine_kernel(y_ptr, dest_ptr, shared_ptr, res_ptr, out_ptr, T, N,
+                       TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_N: tl.constexpr):
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -282,4 +297,7 @@ def moe_combine_kernel(y_ptr, dest_ptr, shared_ptr, out_ptr, T, N,
                        other=0.0).to(tl.float32)
     if HAS_SHARED:
         acc += tl.load(shared_ptr + toks[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:   # the MoE's output in its dtype, then the residual add (rounded to nearest even, as torch's add)
+        r = tl.load(res_ptr + toks[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc = _round_to(acc.to(out_ptr.dtype.element_ty).to(tl.float32) + r, out_ptr.dtype.element_ty)
     tl.store(out_ptr + toks[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -9,7 +9,13 @@ Input: logits [T, E] fp32 (x @ W_gate^T) and an optional per-expert bias [E] fp3
   5. weights = scores (WITHOUT bias) at those experts; divided by their sum when RENORM (by default: under sigmoid,
      as DeepSeek-V3's Gate; transformers' norm_topk_prob / Mixtral's softmax top-k renormalise too); times
      route_scale.
-Output: weights [T, TOP_K] fp32 and expert ids [T, TOP_K] int32.
+Output: weights [T, TOP_K] fp32 and expert ids [T, TOP_K] int32. With N_SHARED > 0 each row has N_SHARED more
+columns: the shared experts as always-selected experts E .. E + N_SHARED - 1 of weight 1 (the grouped GEMMs then run
+them with the routed ones: dskc.ops.moe.fused_moe's n_shared).
+
+`moe_route_align_kernel` (Problem.align = 1, decode sizes) is one program that routes every token and then lays the
+assignments out for the masked grouped GEMM, as moe_permute's count / scan / scatter do (expert e's rows are
+[e * T, e * T + count_e), in token order): routing and permutation in one launch.
 
 Ties: every selection takes the LOWEST index among exactly equal values (expert index for experts, group index for
 groups). That is what a stable descending sort picks; torch.topk gives the same on inputs without exact ties (the
@@ -33,6 +39,7 @@ import triton.language as tl
 
 from dskc.build.triton_xc import CompileSpec
 from dskc.templates.triton._problem import ProblemBase, launch as _launch, pow2
+from dskc.templates.triton.moe_permute import _one_hot
 
 STEM = "moe_route"
 
@@ -48,13 +55,16 @@ class Problem(ProblemBase):
     n_limited_groups: int = 1
     sigmoid: int = 0
     has_bias: int = 0
-    renorm: int = -1
+    renorm: int = -1         # top-k weights divided by their sum: 1 / 0, or -1: as the score function implies
+    n_shared: int = 0        # always-selected shared experts appended to each token's assignments
+    align: int = 0           # 1: one program also builds the masked layout (moe_route_align_kernel)
     BUCKETS = {"T": "pow2"}
 
     def __post_init__(self):
         object.__setattr__(self, "sigmoid", int(bool(self.sigmoid)))
         object.__setattr__(self, "has_bias", int(bool(self.has_bias)))
         object.__setattr__(self, "renorm", self.sigmoid if self.renorm in (-1, None) else int(bool(self.renorm)))
+        object.__setattr__(self, "align", int(bool(self.align)))
 
 SPACE = {
     "BLOCK_T": (1, 2, 4, 8, 16, 32),
@@ -96,25 +106,32 @@ def block_e(E: int) -> int:
 def constexprs(problem, config: dict) -> dict:
     """The kernel's compile-time arguments for a problem and config."""
     p = Problem.of(problem)
-    return {"E": p.E, "BLOCK_E": block_e(p.E), "N_GROUPS": p.n_groups, "N_LIMITED": p.n_limited_groups,
-            "BLOCK_G": triton.next_power_of_2(p.n_groups), "TOP_K": p.top_k,
-            "BLOCK_K": triton.next_power_of_2(p.top_k), "SIGMOID": p.sigmoid, "HAS_BIAS": p.has_bias,
-            "RENORM": p.renorm, "BLOCK_T": config["BLOCK_T"]}
+    cx = {"E": p.E, "BLOCK_E": block_e(p.E), "N_GROUPS": p.n_groups, "N_LIMITED": p.n_limited_groups,
+          "BLOCK_G": triton.next_power_of_2(p.n_groups), "TOP_K": p.top_k, "N_SHARED": p.n_shared,
+          "BLOCK_K": triton.next_power_of_2(p.top_k + p.n_shared), "SIGMOID": p.sigmoid, "HAS_BIAS": p.has_bias,
+          "RENORM": p.renorm, "BLOCK_T": config["BLOCK_T"]}
+    if p.align:      # the layout's one-hot [BLOCK_A, experts] tile within moe_permute's register budget
+        be = block_e(p.E + p.n_shared)
+        cx.update(BLOCK_E2=be, BLOCK_A=max(16, 2048 * config["num_warps"] // be))
+    return cx
 
 
 def bind(problem: Problem, config: dict) -> dict:
     """{kernel name: launch keyword arguments} for (problem, config)."""
-    return {"moe_route_kernel": _launch(constexprs(problem, config), config, num_stages=1)}
+    name = "moe_route_align_kernel" if problem.align else "moe_route_kernel"
+    return {name: _launch(constexprs(problem, config), config, num_stages=1)}
 
 
 def compile_specs(problem, config: dict) -> list[CompileSpec]:
-    sig = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i32", "T": "i32",
-           "route_scale": "fp32"}
-    kw = bind(Problem.of(problem), config)["moe_route_kernel"]
+    problem = Problem.of(problem)
+    sig = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i32"}
+    if problem.align:
+        sig.update({"dest_ptr": "*i32", "sorted_ptr": "*i32", "counts_ptr": "*i32"})
+    sig.update({"T": "i32", "route_scale": "fp32"})
+    ((name, kw),) = bind(problem, config).items()
     cx = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
     sig.update({k: "constexpr" for k in cx})
-    return [CompileSpec.make(__name__, "moe_route_kernel", sig, cx, num_warps=kw["num_warps"],
-                             num_stages=kw["num_stages"])]
+    return [CompileSpec.make(__name__, name, sig, cx, num_warps=kw["num_warps"], num_stages=kw["num_stages"])]
 
 
 @triton.jit
@@ -158,11 +175,11 @@ def _limit_groups(sel, cols, E: tl.constexpr, BLOCK_E: tl.constexpr, N_GROUPS: t
 
 
 @triton.jit
-def moe_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, T, route_scale,
-                     E: tl.constexpr, BLOCK_E: tl.constexpr, N_GROUPS: tl.constexpr, N_LIMITED: tl.constexpr,
-                     BLOCK_G: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, SIGMOID: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+def _route_rows(logits_ptr, bias_ptr, rows, T, route_scale, E: tl.constexpr, BLOCK_E: tl.constexpr,
+                N_GROUPS: tl.constexpr, N_LIMITED: tl.constexpr, BLOCK_G: tl.constexpr, TOP_K: tl.constexpr,
+                N_SHARED: tl.constexpr, BLOCK_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+                RENORM: tl.constexpr):
+    """(weights [R, BLOCK_K] fp32, ids [R, BLOCK_K] int32) of token rows `rows` (see the module docstring)."""
     cols = tl.arange(0, BLOCK_E)
     rmask = rows < T
     cmask = cols < E
@@ -178,12 +195,12 @@ def moe_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, T, route_scale,
     if HAS_BIAS:
         sel = scores + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
     sel = _no_nan(sel)
-    free = tl.zeros([BLOCK_T, BLOCK_E], tl.int1) | cmask[None, :]   # experts still to pick from
+    free = tl.zeros([rows.shape[0], BLOCK_E], tl.int1) | cmask[None, :]   # experts still to pick from
     if N_GROUPS > 1:
         free = free & _limit_groups(sel, cols, E, BLOCK_E, N_GROUPS, N_LIMITED, BLOCK_G, HAS_BIAS)
     kcols = tl.arange(0, BLOCK_K)
-    wts = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
-    ids = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
+    wts = tl.zeros([rows.shape[0], BLOCK_K], tl.float32)
+    ids = tl.zeros([rows.shape[0], BLOCK_K], tl.int32)
     for j in tl.static_range(TOP_K):
         m, idx = _first_max(sel, free, cols, BLOCK_E)
         hit = cols[None, :] == idx[:, None]
@@ -194,7 +211,59 @@ def moe_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, T, route_scale,
     if RENORM:
         wts = wts / tl.sum(wts, 1)[:, None]
     wts = wts * route_scale
-    omask = rmask[:, None] & (kcols < TOP_K)[None, :]
-    offs = rows[:, None] * TOP_K + kcols[None, :]
+    if N_SHARED > 0:            # the shared experts: E .. E + N_SHARED - 1, weight 1, after the routed ones
+        shared = (kcols >= TOP_K)[None, :]
+        wts = tl.where(shared, 1.0, wts)
+        ids = tl.where(shared, E + kcols[None, :] - TOP_K, ids)
+    return wts, ids
+
+
+@triton.jit
+def _store_rows(weights_ptr, ids_ptr, rows, T, wts, ids, K_ALL: tl.constexpr, BLOCK_K: tl.constexpr):
+    kcols = tl.arange(0, BLOCK_K)
+    omask = (rows < T)[:, None] & (kcols < K_ALL)[None, :]
+    offs = rows[:, None] * K_ALL + kcols[None, :]
     tl.store(weights_ptr + offs, wts, mask=omask)
     tl.store(ids_ptr + offs, ids, mask=omask)
+
+
+@triton.jit
+def moe_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, T, route_scale,
+                     E: tl.constexpr, BLOCK_E: tl.constexpr, N_GROUPS: tl.constexpr, N_LIMITED: tl.constexpr,
+                     BLOCK_G: tl.constexpr, TOP_K: tl.constexpr, N_SHARED: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    wts, ids = _route_rows(logits_ptr, bias_ptr, rows, T, route_scale, E, BLOCK_E, N_GROUPS, N_LIMITED, BLOCK_G,
+                           TOP_K, N_SHARED, BLOCK_K, SIGMOID, HAS_BIAS, RENORM)
+    _store_rows(weights_ptr, ids_ptr, rows, T, wts, ids, TOP_K + N_SHARED, BLOCK_K)
+
+
+@triton.jit
+def moe_route_align_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, dest_ptr, sorted_ptr, counts_ptr, T,
+                           route_scale, E: tl.constexpr, BLOCK_E: tl.constexpr, N_GROUPS: tl.constexpr,
+                           N_LIMITED: tl.constexpr, BLOCK_G: tl.constexpr, TOP_K: tl.constexpr,
+                           N_SHARED: tl.constexpr, BLOCK_K: tl.constexpr, SIGMOID: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr,
+                           BLOCK_E2: tl.constexpr, BLOCK_A: tl.constexpr):
+    """One program: route every token, then the masked layout of the E + N_SHARED experts (M_MAX = T rows each):
+    dest [T * K] (row of each assignment), sorted [E2 * T] (assignment of each used row), counts [E2]."""
+    K_ALL: tl.constexpr = TOP_K + N_SHARED
+    for t0 in range(0, T, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        wts, ids = _route_rows(logits_ptr, bias_ptr, rows, T, route_scale, E, BLOCK_E, N_GROUPS, N_LIMITED,
+                               BLOCK_G, TOP_K, N_SHARED, BLOCK_K, SIGMOID, HAS_BIAS, RENORM)
+        _store_rows(weights_ptr, ids_ptr, rows, T, wts, ids, K_ALL, BLOCK_K)
+    tl.debug_barrier()              # the layout reads the ids every thread wrote
+    n_assign = T * K_ALL
+    ecols = tl.arange(0, BLOCK_E2)
+    running = tl.zeros([BLOCK_E2], tl.int32)
+    for a0 in range(0, n_assign, BLOCK_A):
+        hot, _ = _one_hot(ids_ptr, a0, n_assign, E + N_SHARED, BLOCK_E2, BLOCK_A)    # ids in range: just routed
+        offs = a0 + tl.arange(0, BLOCK_A)
+        rank = tl.sum(hot * (tl.cumsum(hot, 0) - hot + running[None, :]), 1)
+        dest = tl.sum(hot * ecols[None, :], 1) * T + rank
+        ok = (offs < n_assign) & (tl.sum(hot, 1) > 0)
+        tl.store(dest_ptr + offs, tl.where(ok, dest, -1), mask=offs < n_assign)
+        tl.store(sorted_ptr + dest, offs, mask=ok)
+        running += tl.sum(hot, 0)
+    tl.store(counts_ptr + ecols, running, mask=ecols < E + N_SHARED)

@@ -57,15 +57,17 @@ def test_model_problems_are_the_compiled_models_launches():
     v3 = get_config("deepseek-v3")
     # the problems are the compiled model's own launches: the block's stacked [wq_a; wkv_a] GEMM, the head's bf16
     probs = model_problems("fp8_gemm_1d2d", v3, (1, 64))
-    assert {"M": 64, "N": 1536 + 576, "K": 7168, "out_dtype": "bf16"} in probs
-    assert {(p["N"], p["K"]) for p in probs} >= {(24576, 1536), (7168, 16384), (18432 * 2, 7168), (7168, 18432)}
+    assert {"M": 64, "N": 1536 + 576, "K": 7168, "out_dtype": "bf16", "residual": 0} in probs
+    assert {(p["N"], p["K"]) for p in probs} >= {(24576, 1536), (7168, 16384), (7168, 18432)}
+    assert {"M": 64, "N": 7168, "K": 18432, "out_dtype": "bf16", "residual": 1} in probs   # the dense MLP's w2
     assert {p["M"] for p in probs} == {1, 64}
     grouped = model_problems("grouped_gemm", v3, (16,))
-    # 16 tokens x top-8 over 256 experts: the masked layout (E * T rows fit), N = moe_inter_dim, SwiGLU + quant
-    assert grouped[0] == {"E": 256, "M": 256 * 16, "N": 2048, "K": 7168, "dtype": "fp8", "layout": "masked",
-                          "epilogue": "swiglu_quant", "rows_per_id": 1, "out_dtype": "fp8", "stacked_up": 1}
-    assert {(p["E"], p["epilogue"]) for p in grouped} == {(256, "swiglu_quant"), (256, "weight"),
-                                                          (1, "swiglu_quant"), (1, "none")}
+    # 16 tokens x top-8 over 256 experts + the shared one (an always-selected 257th): the masked layout (E * T rows
+    # fit), N = moe_inter_dim, SwiGLU + quant, the token rows read through the layout; and the dense MLP's [w1; w3]
+    assert {"E": 257, "M": 257 * 16, "N": 2048, "K": 7168, "dtype": "fp8", "layout": "masked",
+            "epilogue": "swiglu_quant", "rows_per_id": 1, "out_dtype": "fp8", "stacked_up": 1, "gather": "a"} in grouped
+    assert {(p["E"], p["epilogue"], p["rows_per_id"]) for p in grouped} == {(257, "swiglu_quant", 1),
+                                                                           (257, "weight", 1), (1, "swiglu_quant", 0)}
     with pytest.raises(ValueError, match="launches no 'nope'"):
         model_problems("nope", v3)
 

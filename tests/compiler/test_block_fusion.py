@@ -53,21 +53,27 @@ def test_pass_fuses_attn_norm_into_one_stacked_gemm_and_ffn_norm_into_the_dense_
         # the block lists what it runs: the rmsnorm + act_quant kernel and one GEMM over [wq_a; wkv_a]
         kernels = [(c.slot, c.stem, dict(c.problem)) for c in p.choices if c.region == f"layers.{i}" and c.tokens == 64]
         assert kernels == [("quant", "act_quant", {"M": 64, "K": cfg.dim, "dtype": "bf16", "op": "rmsnorm",
-                                                   "ue8m0": 0}),
+                                                   "ue8m0": 0, "y_dtype": ""}),
                            ("gemm0", "fp8_gemm_1d2d", {"M": 64, "N": TINY_Q_A + TINY_KV_A, "K": cfg.dim,
-                                                       "out_dtype": "bf16"})]
+                                                       "out_dtype": "bf16", "residual": 0})]
     dense = cfg.n_dense_layers
     assert nodes["layers.0.ffn_norm"].attr("fused_into") == "layers.0.ffn"
     assert nodes["layers.0.ffn_norm"].attr("residual") == "add"
     assert nodes["layers.0.ffn"].attr("prologue") == "add_rmsnorm_act_quant"
+    assert nodes["layers.0.ffn"].attr("residual") == "down"             # the block's 2nd add: in w2's epilogue
     assert nodes["layers.0"].attr("ffn_norm") == "add_rmsnorm_act_quant"
-    for i in range(dense, cfg.n_layers):          # MoE: the gate needs the un-quantised normed x
-        assert nodes[f"layers.{i}.ffn"].op is Op.MOE and nodes[f"layers.{i}"].attr("ffn_norm") is None
-        assert nodes[f"layers.{i}.ffn_norm"].attr("fused_into") is None
+    for i in range(dense, cfg.n_layers):          # MoE: the same kernel also writes the normed x for the gate
+        assert nodes[f"layers.{i}.ffn"].op is Op.MOE
+        assert nodes[f"layers.{i}"].attr("ffn_norm") == "add_rmsnorm_act_quant_normed"
+        assert nodes[f"layers.{i}.ffn_norm"].attr("fused_into") == f"layers.{i}.ffn"
+        assert nodes[f"layers.{i}.ffn"].attr("residual") == "combine"   # ... and in the MoE's combine
+        moe = [(c.slot, dict(c.problem)["op"]) for c in p.choices if c.region == f"layers.{i}.ffn" and c.tokens == 64
+               and c.stem == "act_quant"]
+        assert moe == [("quant", "add_rmsnorm_normed")]
     table = kernel_table(p)
     assert f"layers.*.attn_norm -> layers.* ({cfg.n_layers})" in table
-    assert "layers.*.ffn_norm -> layers.*.ffn (1)" in table
-    assert f"RMSNorm regions: layers.*.ffn_norm ({cfg.n_layers - dense}), norm (1)" in table
+    assert f"layers.*.ffn_norm -> layers.*.ffn ({cfg.n_layers})" in table
+    assert "norm -> head (1)" in table and "eager PyTorch" not in table      # fuse_head_norm: none left eager
 
 
 def test_q_lora_rank_0_stacks_wq_with_wkv_a_or_keeps_two_gemms_when_blocks_do_not_align():
