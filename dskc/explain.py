@@ -1,6 +1,6 @@
-"""`dskc explain`: the IR after each pass, the region -> kernel table, what runs per token-count bucket, every
-fallback with its reason, and the region report both doors share (RegionRecord: dskc.compile's `regions()` and the
-torch.compile backend's)."""
+"""`dskc explain`: the IR after each pass, the region -> kernel table, what runs per token-count bucket, every kernel
+each region launches in a decode step and in a prefill, every fallback with its reason, and the region report both
+doors share (RegionRecord: dskc.compile's `regions()` and the torch.compile backend's)."""
 from __future__ import annotations
 
 import dataclasses
@@ -141,6 +141,70 @@ def bucket_table(plan) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
 
 
+# launch slots a region's module does not run in a phase: a decode step is one token per sequence, a prefill one
+# prompt (dskc.select.launches: MLA's "decode" / "step" vs "prefill" / "prefill_step")
+NOT_IN = {"decode": ("prefill", "prefill_step"), "prefill": ("decode", "step")}
+PER_STEP = ("step", "prefill_step")      # slots launched once per step, by the region owning the step's state
+
+
+def _kernel_names(c) -> list[str]:
+    """The kernels one launch of choice c runs (its stem's bind), in launch order."""
+    if c.backend != "triton":
+        return [c.stem]
+    from dskc.templates import registry
+    mod = registry.get(c.stem)
+    return list(mod.bind(mod.Problem.of(dict(c.problem)), dict(c.config)))
+
+
+def step_kernels(plan, phase: str, tokens: int) -> list[tuple]:
+    """[(region, slot, stem, [kernel names])] of every kernel the compiled model launches in a `phase` ("decode" |
+    "prefill") step of `tokens` rows (a planned bucket), in the plan's order: what the runtime modules launch
+    (tests/compiler/test_plan_runs.py and test_lean_step.py check it against the launches)."""
+    return [(c.region, c.slot, c.stem, _kernel_names(c)) for c in plan.choices
+            if c.tokens == tokens and c.slot not in NOT_IN[phase]]
+
+
+def phase_buckets(plan) -> dict:
+    """The buckets the step listing shows: decode at the smallest, prefill at the largest up to 128 rows."""
+    buckets = list(getattr(plan, "tokens", ())) or [1]
+    prefill = max([b for b in buckets if 1 < b <= 128] or [buckets[-1]])
+    return {"decode": buckets[0], "prefill": prefill}
+
+
+def launch_table(plan) -> str:
+    """The kernels each region launches in a decode step and in a prefill (stem:kernel xN, "(per step)" for the
+    step's shared state), one row per group of regions launching the same (layer numbers folded), and the Triton
+    launches per step in all."""
+    phases = phase_buckets(plan)
+    lists = {}                                       # region -> {phase: [kernel labels]}
+    for phase, t in phases.items():
+        for region, slot, stem, names in step_kernels(plan, phase, t):
+            tag = " (per step)" if slot in PER_STEP else ""
+            label = [(n.removesuffix("_kernel") if n.startswith(stem) else f"{stem}:{n.removesuffix('_kernel')}")
+                     + tag for n in names]
+            lists.setdefault(region, {p: [] for p in phases})[phase].extend(label)
+    groups = {}                                      # (pattern, decode, prefill) -> regions
+    for region, by_phase in lists.items():
+        key = (re.sub(r"(?<=\.)\d+(?=\.|$)", "*", region),) + tuple(_counted(by_phase[p]) for p in phases)
+        groups.setdefault(key, []).append(region)
+    rows = [("regions", f"decode (tokens<={phases['decode']}, 1 per sequence)", f"prefill (tokens<={phases['prefill']})")]
+    for (pattern, *texts), regions in groups.items():
+        rows.append((regions[0] if len(regions) == 1 else f"{pattern} ({len(regions)})", *texts))
+    totals = {p: sum(len(v[p]) for v in lists.values()) for p in phases}
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines.append(f"Triton launches per step: decode {totals['decode']}, prefill {totals['prefill']} (plus the aten "
+                 "ops of what stays in PyTorch, e.g. the embedding; dskc.runtime.counter counts both)")
+    return "\n".join(lines)
+
+
+def _counted(names: list[str]) -> str:
+    counts = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    return ", ".join(n if k == 1 else f"{n} x{k}" for n, k in counts.items()) or "-"
+
+
 def capture_line(c: dict) -> str:
     """How the regions were found: the module tree, or Dynamo's graphs (count, FX nodes, regions never run)."""
     if "graphs" not in c:
@@ -160,6 +224,8 @@ def render(plan, passes: bool = True) -> str:
     out.append("== kernels\n" + kernel_table(plan))
     out.append("== configs per token-count bucket (what each module launches for that many rows)\n" +
                bucket_table(plan))
+    out.append("== kernels per step (what each region's module launches, per region of the pattern)\n" +
+               launch_table(plan))
     out.append("== fallbacks\n" + ("\n".join(f"{r}: {why}" for r, why in plan.fallbacks) or "none"))
     out.append("== regions (family table)\n" + region_table(plan_regions(plan)))
     return "\n\n".join(out)

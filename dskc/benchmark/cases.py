@@ -35,12 +35,14 @@ IMPLS = {
 @dataclasses.dataclass(frozen=True)
 class Impl:
     """One way to run a case. make() -> zero-arg callable (its result may be compared with Case.ref).
-    skip: a reason not to run (recorded). published: (value, hardware, source[, metric]) for a reference row."""
+    skip: a reason not to run (recorded). published: (value, hardware, source[, metric]) for a reference row.
+    count: () -> kernels one call launches (the model suite: dskc.runtime.counter), run after the timing."""
     name: str
     make: Callable | None = None
     skip: str | None = None
     note: str = ""
     published: tuple | None = None
+    count: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +69,7 @@ def empty_row(case: Case, impl: Impl) -> dict:
             "kind": "published" if impl.published else "measured", "status": "ok", "primary": case.primary,
             "ms": None, "flops": case.flops, "bytes": case.bytes, "tflops": None, "gbps": None, "tokens_per_s": None,
             "pct_compute": None, "pct_bandwidth": None, "rel_err": None, "note": impl.note, "hardware": None,
-            "source": None}
+            "source": None, "launches_per_step": None}
 
 
 def fill_figures(row: dict, case: Case, ms: float, ceilings: dict) -> dict:

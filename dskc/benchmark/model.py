@@ -1,6 +1,7 @@
 """Model suite: prefill and decode tokens/s of deepseek-v2-lite (random weights) and of one deepseek-v3 MoE layer
 (embedding and head included), dskc.compiler.compile vs eager vs torch.compile; transformers' DeepSeek-V3 through
-torch.compile(backend="dskc") vs backend="inductor" (dskc.benchmark.hf_model); KV-cache bytes per token.
+torch.compile(backend="dskc") vs backend="inductor" (dskc.benchmark.hf_model); KV-cache bytes per token; beside
+each dskc and eager row, the kernels one step launches (dskc.runtime.counter).
 
 Decode is timed as one step at a fixed position (the cache already holds the prompt), repeated: tokens/s =
 batch / step time. Prefill: tokens/s = batch x prompt / time of the prompt's forward.
@@ -61,6 +62,19 @@ def _build(ctx: Ctx, name: str, overrides: dict):
     return cfg, get
 
 
+def _counter(get, impl: str, tok, prompt: int, decode: bool):
+    """() -> kernels per step of `impl` (dskc.runtime.counter): dskc's decode step as its CUDA graph replays it,
+    else the model's forward at this case's tokens."""
+    def count():
+        from dskc.runtime import counter
+        model = get(impl)
+        if decode and impl == "dskc":
+            return counter.count_decode(model, tok.shape[0], prompt).total()["total"]
+        return counter.count_forward(model, tok[:, prompt:] if decode else tok[:, :prompt],
+                                     prompt if decode else 0).total()["total"]
+    return count
+
+
 def _impls(ctx: Ctx, get, tok, prompt: int, decode: bool):
     def make(impl):
         def ready():
@@ -74,8 +88,10 @@ def _impls(ctx: Ctx, get, tok, prompt: int, decode: bool):
                     model(tok[:, start:min(start + PREFILL_CHUNK, prompt)], start)
             return lambda: model(tok[:, prompt:], prompt)
         return ready
-    impls = [Impl("dskc", make("dskc"), note="interpreted kernels (smoke)" if ctx.smoke else ""),
-             Impl("torch-bf16", make("torch-bf16"), note="eager PyTorch, the dskc.model reference code")]
+    impls = [Impl("dskc", make("dskc"), note="interpreted kernels (smoke)" if ctx.smoke else "",
+                  count=_counter(get, "dskc", tok, prompt, decode)),
+             Impl("torch-bf16", make("torch-bf16"), note="eager PyTorch, the dskc.model reference code",
+                  count=_counter(get, "torch-bf16", tok, prompt, decode))]
     if ctx.smoke:
         impls.append(Impl("torch-compile", skip=ctx.compile_skip or "torch.compile runs in the GPU suites only"))
     elif ctx.compile_mode:

@@ -20,7 +20,9 @@ def _cell(row: dict | None) -> str:
     value = row[row["primary"]]
     text = f"{value:,.1f}" if value >= 10 else f"{value:.3g}"
     pct = row["pct_bandwidth"] if row["primary"] == "gbps" else row["pct_compute"]
-    return f"{text} ({pct:.0f}%)" if pct is not None and row["kind"] == "measured" else text
+    text = f"{text} ({pct:.0f}%)" if pct is not None and row["kind"] == "measured" else text
+    launches = row.get("launches_per_step")
+    return text if launches is None else f"{text}, {launches} launches"
 
 
 def _header(doc: dict) -> list[str]:

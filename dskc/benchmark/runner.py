@@ -116,6 +116,11 @@ def run_impl(ctx: Ctx, case: Case, impl: Impl, ceilings: dict, limit: float | No
         log.warning("bench %s / %s failed: %s", case.name, impl.name, _first_line(exc))
         return row
     fill_figures(row, case, ms, ceilings)
+    if impl.count is not None:
+        try:
+            row["launches_per_step"] = int(impl.count())
+        except Exception as exc:  # the figure is missing, the row stands
+            row["note"] = prefix + f"launch count failed: {_first_line(exc)}"
     out = _output(result)
     if case.ref is not None and out is not None and impl.name.startswith("dskc"):  # baselines may differ by design
         ref = case.ref()

@@ -41,6 +41,7 @@ _ROW = {
         "tokens_per_s": {"type": NUM, "minimum": 0}, "pct_compute": {"type": NUM, "minimum": 0},
         "pct_bandwidth": {"type": NUM, "minimum": 0}, "rel_err": {"type": NUM, "minimum": 0},
         "note": {"type": "string"}, "hardware": {"type": STR}, "source": {"type": STR},
+        "launches_per_step": {"type": ["integer", "null"], "minimum": 0},     # optional (model rows)
     },
 }
 

@@ -83,6 +83,19 @@ def test_transformers_deepseek_runs_through_the_dskc_backend(doc):
     assert rows["torch-bf16"]["status"] == "ok" and rows["torch-compile"]["status"] == "skipped"
 
 
+def test_model_rows_report_launches_per_step(doc, smoke):
+    """Beside tokens/s: the kernels one step launches (dskc.runtime.counter); dskc's decode step (1 dense layer of
+    tiny) well under the eager model's."""
+    rows = {(r["shape"]["phase"], r["impl"]): r for r in doc["results"]
+            if r["suite"] == "model" and r["status"] == "ok" and not r["case"].startswith("transformers")}
+    for phase in ("prefill", "decode"):
+        for impl in ("dskc", "torch-bf16"):
+            assert isinstance(rows[(phase, impl)]["launches_per_step"], int), (phase, impl)
+    dskc, eager = rows[("decode", "dskc")]["launches_per_step"], rows[("decode", "torch-bf16")]["launches_per_step"]
+    assert 0 < dskc <= 16 and dskc * 5 < eager, (dskc, eager)
+    assert f"{dskc} launches" in smoke["md"].read_text()
+
+
 def test_kv_cache_bytes_per_token(doc):
     kv = {(k["model"], k["attn_impl"], k["dtype"]): k["bytes_per_token"] for k in doc["kv_cache"]}
     assert kv[("deepseek-v3", "absorb", "bf16")] == 61 * 576 * 2
