@@ -82,10 +82,18 @@ def grouped_gemm(a, sa, b, sb, out, *, m_indices=None, block_expert=None, align=
         a, sa if fp8 else dummy, b, b_up if swiglu else b, sb if fp8 else dummy,
         sb_up if (fp8 and swiglu) else dummy, out, out_scale if out_scale is not None else dummy, eid,
         masked_m if masked else eid, row_weight if row_weight is not None else dummy, src,
-        rows, e, n, k, m_max, int(top_k), b.stride(0), sb.stride(0) if fp8 else 0,
+        rows, e, n, k, m_max, int(top_k), _n_src(a, a_rows, row_weight, weight_rows, top_k), b.stride(0),
+        sb.stride(0) if fp8 else 0,
         *(_sa_strides(sa, masked and a_rows is None) if fp8 else (0, 0, 0)),
         **_gg.bind(problem, cfg, knobs.get().triton_interpret)["grouped_gemm_kernel"])
     return out
+
+
+def _n_src(a, a_rows, row_weight, weight_rows, top_k: int) -> int:
+    """How many assignment ids a layout's sorted ids may name: T * top_k (the kernel ignores any other)."""
+    if a_rows is not None:
+        return int(a.shape[0]) * int(top_k)
+    return int(row_weight.numel()) if weight_rows is not None else 0
 
 
 def _check_rows(a_rows, weight_rows, rows: int, epilogue: str, top_k: int) -> str:

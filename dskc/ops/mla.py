@@ -170,7 +170,8 @@ def mla_absorb_q(q, w_uk_t, rope_table, rope_rows, out_dtype, config=None):
 
     q [T, H, nope + 64] (wq / wq_b's output as [tokens, heads, width]; unit last stride, any row / head strides),
     w_uk_t [H, 512, nope] of out_dtype (wkv_b's K half, each head transposed), rope_table fp32 [max_pos, 32, 2],
-    rope_rows int32 [T] (each token's row of the table; not checked: dskc.ops.mla_step made them).
+    rope_rows int32 [T] (each token's row of the table; not checked: dskc.ops.mla_step made them; a row outside the
+    table gives that token a NaN rope part, never a read outside it).
     Returns qq with qq[..., :512] = q[..., :nope] @ W_UK[h] and qq[..., 512:] = RoPE(q[..., nope:]), q's elements
     rounded to out_dtype first (as a query converted for the cache dtype), fp32 accumulation.
     """
@@ -191,7 +192,8 @@ def mla_absorb_q(q, w_uk_t, rope_table, rope_rows, out_dtype, config=None):
     if t:
         grid = (h, triton_cdiv(t, cfg["BLOCK_T"]), D_LATENT // cfg["BLOCK_C"])
         _abs.mla_q_absorb_kernel[grid](q, w_uk_t, rope_table.contiguous(), rope_rows, qq, t, h, q.stride(0),
-                                       q.stride(1), **_abs.bind(problem, cfg)["mla_q_absorb_kernel"])
+                                       q.stride(1), rope_table.shape[0],
+                                       **_abs.bind(problem, cfg)["mla_q_absorb_kernel"])
     return qq
 
 

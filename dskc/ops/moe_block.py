@@ -42,8 +42,9 @@ def fused_moe(x, gate_weight, gate_bias, w13, w13_scale, w2, w2_scale, *, top_k,
     fp32 (x quantised 1x128 once; D % 128 == 0, I % 128 == 0), or x's dtype with both scales None.
     E' = E + n_shared: the last n_shared experts are shared experts, taken by every token with weight 1.
     shared: None or {"w1": [Is, D], "w3": [Is, D], "w2": [D, Is]} (+ "w1_scale", "w3_scale", "w2_scale" for fp8),
-    the dense MLP w2(silu(w1 x) * w3 x), added in the combine. renorm: see moe_route. x_quant: (q e4m3 [T, D], s fp32 [T, D/128]), x's
-    1x128 quantisation when the caller has it (a fused norm), read by the experts instead of quantising x again.
+    the dense MLP w2(silu(w1 x) * w3 x), added in the combine. renorm: see moe_route. x_quant: (q e4m3 [T, D],
+    s fp32 [T, D/128]), x's 1x128 quantisation when the caller has it (a fused norm), read by the experts instead of
+    quantising x again.
     residual: None or [T, D] of x's dtype, added to the output in the combine (round(round(moe) + residual)).
     config: optional {"layout": "auto" | "contiguous" | "masked", "align": 128, "gate", "route", "permute" (the
     contiguous layout's kernels), "quant", "gemm1", "gemm2", "shared_gemm1", "shared_gemm2", "combine": {...}}

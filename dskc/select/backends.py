@@ -51,8 +51,13 @@ class Decision:
 
 
 def cutlass_op(stem: str, problem: dict) -> str | None:
-    """The CUTLASS op that could serve this Triton (stem, problem), or None (FP8 grouped GEMMs only)."""
-    if stem == "grouped_gemm" and problem.get("dtype") != "fp8":
+    """The CUTLASS op that could serve this Triton (stem, problem), or None: FP8 grouped GEMMs only, and none of
+    the lean decode step's epilogues and row maps the CUTLASS kernels lack (a residual add, fp32 logits, token rows
+    read through the layout, the dense one-expert mode)."""
+    if stem == "grouped_gemm" and (problem.get("dtype") != "fp8" or problem.get("gather")
+                                   or problem.get("rows_per_id") == 0):
+        return None
+    if problem.get("residual") or (stem == "bf16_gemm" and problem.get("out_dtype") == "fp32"):
         return None
     return _CUTLASS_OP.get(stem)
 

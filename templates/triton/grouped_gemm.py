@@ -28,7 +28,8 @@ ROW_WEIGHT = 1 multiplies each row by rw[row] (the routing weight) before the st
 
 Rows as (token, k) assignments (fused_moe: no gather kernel, vLLM's fused MoE does the same): the layout's sorted
 ids src[row] = token * TOP_K + k give, with GATHER_A = 1, each row's A row (token src // TOP_K of the [T, K] token
-rows and their scales), and with ROW_WEIGHT = 2 its routing weight rw[src] (rw: the router's [T, TOP_K] weights).
+rows and their scales), and with ROW_WEIGHT = 2 its routing weight rw[src] (rw: the router's [T, TOP_K] weights);
+an id outside [0, N_SRC = T * TOP_K) reads token 0's row and weight 0 (never memory outside the operands).
 """
 from __future__ import annotations
 
@@ -166,6 +167,7 @@ def compile_specs(problem, config: dict) -> list[CompileSpec]:
     sig = {"a_ptr": op, "sa_ptr": "*fp32", "b_ptr": op, "bu_ptr": op, "sb_ptr": "*fp32", "sbu_ptr": "*fp32",
            "c_ptr": out, "sc_ptr": "*fp32", "eid_ptr": "*i32", "mcount_ptr": "*i32", "rw_ptr": "*fp32",
            "src_ptr": "*i32", "M": "i32", "E": "i32", "N_OUT": "i32", "K": "i32", "M_MAX": "i32", "TOP_K": "i32",
+           "N_SRC": "i32",
            "stride_be": "i32", "stride_sbe": "i32", "stride_sae": "i32", "stride_sam": "i32", "stride_sak": "i32"}
     # the launcher passes the int32 expert-id tensor in place of every pointer the problem leaves unused
     swiglu = problem.epilogue.startswith("swiglu")
@@ -246,7 +248,7 @@ def _scaled_dot(acc, a, b_ptrs, s_ab, FP8: tl.constexpr):
 
 @triton.jit
 def grouped_gemm_kernel(a_ptr, sa_ptr, b_ptr, bu_ptr, sb_ptr, sbu_ptr, c_ptr, sc_ptr, eid_ptr, mcount_ptr, rw_ptr,
-                        src_ptr, M, E, N_OUT, K, M_MAX, TOP_K, stride_be, stride_sbe, stride_sae, stride_sam,
+                        src_ptr, M, E, N_OUT, K, M_MAX, TOP_K, N_SRC, stride_be, stride_sbe, stride_sae, stride_sam,
                         stride_sak, FP8: tl.constexpr, MASKED: tl.constexpr, ROWS_PER_ID: tl.constexpr,
                         EPILOGUE: tl.constexpr, ROW_WEIGHT: tl.constexpr, GATHER_A: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -263,8 +265,9 @@ def grouped_gemm_kernel(a_ptr, sa_ptr, b_ptr, bu_ptr, sb_ptr, sbu_ptr, c_ptr, sc
     # the [E, M_MAX, K] / [E, N, K] offsets (up to 7.5e9 elements) out of the per-element int32 offsets.
     cols_b = cols % N_OUT
     row0_64 = row0.to(tl.int64)
-    if GATHER_A or ROW_WEIGHT == 2:     # each row's (token, k) assignment
+    if GATHER_A or ROW_WEIGHT == 2:     # each row's (token, k) assignment; one outside [0, N_SRC) reads nothing
         src = tl.load(src_ptr + row0_64 + offs_m, mask=keep, other=-1)
+        src = tl.where(src < N_SRC, src, -1)
     else:
         src = tl.full([BLOCK_M], -1, tl.int32)
     a_ptrs, sa_ptrs = _a_rows(a_ptr, sa_ptr, src, keep, e, row0, offs_m, offs_k, K, M_MAX, TOP_K, stride_sae,

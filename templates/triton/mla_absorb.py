@@ -4,6 +4,7 @@
   place (no concatenation): qq[t, h, :512] = q_nope[t, h] @ W_UK[h] (W_UK[h] = wkv_b's K half of head h, [nope, 512],
   held transposed [512, nope]), and qq[t, h, 512:] = RoPE(q_pe[t, h]) at the token's rope row (programs of the first
   column block). q's elements are rounded to qq's dtype first, the way the query is converted for the cache dtype.
+  A rope row outside the table (unchecked under CUDA-graph capture) is never read: that token's rope part is NaN.
 - op "o", `mla_o_absorb_kernel` grid (ceil(T / BLOCK_T), H * V / 128): o[t, h, :] = out[t, h] @ W_UV[h]^T (W_UV[h]:
   wkv_b's V half, [V, 512]) for the 128 columns of o's flattened rows a program owns (two heads of V = 64, or 128
   columns of one head when V is a multiple of 128), rounded to `dtype` then to the activation dtype as the unfused
@@ -98,7 +99,7 @@ def compile_specs(problem, config: dict) -> list[CompileSpec]:
     dt, act = element(problem.dtype), element(problem.act)
     if problem.op == "q":
         sig = {"q_ptr": act, "wk_ptr": dt, "rope_tab_ptr": "*fp32", "rows_ptr": "*i32", "qq_ptr": dt, "T": "i32",
-               "H": "i32", "stride_qt": "i32", "stride_qh": "i32"}
+               "H": "i32", "stride_qt": "i32", "stride_qh": "i32", "max_pos": "i32"}
     else:
         sig = {"o_ptr": dt, "wv_ptr": dt, "y_ptr": "*u8" if problem.quant else dt, "s_ptr": "*fp32", "T": "i32",
                "H": "i32"}
@@ -109,7 +110,7 @@ def compile_specs(problem, config: dict) -> list[CompileSpec]:
 
 
 @triton.jit
-def mla_q_absorb_kernel(q_ptr, wk_ptr, rope_tab_ptr, rows_ptr, qq_ptr, T, H, stride_qt, stride_qh,
+def mla_q_absorb_kernel(q_ptr, wk_ptr, rope_tab_ptr, rows_ptr, qq_ptr, T, H, stride_qt, stride_qh, max_pos,
                         NOPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """See the module docstring (op "q")."""
     h = tl.program_id(0)
@@ -126,9 +127,11 @@ def mla_q_absorb_kernel(q_ptr, wk_ptr, rope_tab_ptr, rows_ptr, qq_ptr, T, H, str
     tl.store(qq_row[None, :] + cols[:, None], acc.to(DT), mask=tmask[None, :])
     if tl.program_id(2) == 0:
         i = tl.arange(0, 32)
-        row = tl.load(rows_ptr + t, mask=tmask, other=0).to(tl.int64)
-        cos = tl.load(rope_tab_ptr + row[:, None] * 64 + 2 * i[None, :], mask=tmask[:, None], other=1.0)
-        sin = tl.load(rope_tab_ptr + row[:, None] * 64 + 2 * i[None, :] + 1, mask=tmask[:, None], other=0.0)
+        row = tl.load(rows_ptr + t, mask=tmask, other=0)
+        inside = (tmask & (row >= 0) & (row < max_pos))[:, None]   # a row outside the table rotates to NaN
+        row = tl.where(row >= 0, row, 0).to(tl.int64)
+        cos = tl.load(rope_tab_ptr + row[:, None] * 64 + 2 * i[None, :], mask=inside, other=float("nan"))
+        sin = tl.load(rope_tab_ptr + row[:, None] * 64 + 2 * i[None, :] + 1, mask=inside, other=float("nan"))
         pe = q_row[:, None] + NOPE + 2 * i[None, :]
         even = tl.load(pe, mask=tmask[:, None], other=0.0).to(DT).to(tl.float32)
         odd = tl.load(pe + 1, mask=tmask[:, None], other=0.0).to(DT).to(tl.float32)

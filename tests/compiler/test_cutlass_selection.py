@@ -226,3 +226,18 @@ def test_kernel_linear_runs_cutlass_on_gpu():
     y = mod(x)
     cos = torch.nn.functional.cosine_similarity(y.double().flatten(), ref.flatten(), dim=0)
     assert y.shape == (2, m, n) and torch.isfinite(y).all() and cos > 0.995, cos
+
+
+@pytest.mark.parametrize("stem,problem,op", [
+    ("grouped_gemm", {"dtype": "fp8", "layout": "masked"}, "fp8_grouped_gemm_1d2d"),
+    ("grouped_gemm", {"dtype": "bf16"}, None),
+    ("grouped_gemm", {"dtype": "fp8", "gather": "a"}, None),               # token rows read through the layout
+    ("grouped_gemm", {"dtype": "fp8", "gather": "weight"}, None),
+    ("grouped_gemm", {"dtype": "fp8", "rows_per_id": 0}, None),            # the dense MLP's one-expert mode
+    ("fp8_gemm_1d2d", {"M": 64, "N": 256, "K": 256}, "fp8_gemm_1d2d"),
+    ("fp8_gemm_1d2d", {"M": 64, "N": 256, "K": 256, "residual": 1}, None),  # the block's residual add
+    ("bf16_gemm", {"M": 1, "N": 256, "K": 256}, "bf16_gemm"),
+    ("bf16_gemm", {"M": 1, "N": 256, "K": 256, "out_dtype": "fp32"}, None),  # the head's fp32 logits
+])
+def test_no_cutlass_alternative_for_epilogues_or_row_maps_it_lacks(stem, problem, op):
+    assert backends.cutlass_op(stem, problem) == op

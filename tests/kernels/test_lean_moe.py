@@ -8,7 +8,8 @@ tokens, experts with no tokens, every token on one expert):
   bit-identical rows (the same kernel arithmetic on the same operands);
 - moe_combine with the residual add against moe_combine then the add: bit-identical;
 - fused_moe with the shared experts as always-selected experts of the routed GEMMs against the shared MLP run apart,
-  and with a pre-quantised x and a residual against fused_moe + act_quant + add.
+  and with a pre-quantised x and a residual against fused_moe + act_quant + add;
+- layout ids outside the assignments (unchecked under CUDA-graph capture) confined to their own rows.
 """
 import pytest
 import torch
@@ -80,14 +81,17 @@ def _experts(e, d, inter, seed):
     return w13, s13, w2, s2
 
 
-@pytest.mark.parametrize("layout,t", [("masked", 1), ("masked", 3), ("contiguous", 3)])
-def test_gemms_through_the_layout_equal_gather_then_gemms(layout, t):
+@pytest.mark.parametrize("layout,t,only", [("masked", 1, None), ("masked", 3, None), ("contiguous", 3, None),
+                                           ("masked", 4, 5)])
+def test_gemms_through_the_layout_equal_gather_then_gemms(layout, t, only):
     e, d, inter = 6, 256, 128
     w13, s13, w2, s2 = _experts(e, d, inter, seed=t)
     x = torch.randn(t, d, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).to(DEV)
-    w, ids = moe.moe_route(_logits(t, e, seed=4), None, top_k=2, n_groups=1, n_limited_groups=1,
+    w, ids = moe.moe_route(_logits(t, e, seed=4, only=only), None, top_k=2, n_groups=1, n_limited_groups=1,
                            score_func="softmax", route_scale=1.0)
     lay = moe.moe_align(ids, e, layout=layout, max_m=t, align=128)
+    if only is not None:        # every token on expert `only`, and experts with no tokens
+        assert (ids[:, 0] == only).all() and int((lay.counts == 0).sum()) >= e - 3
     a, sa, rw = moe.moe_gather(x, lay, w, quant=True)
     q, s = act_quant(x)
     if layout == "masked":
@@ -114,10 +118,10 @@ def test_gemms_through_the_layout_equal_gather_then_gemms(layout, t):
         assert torch.equal(outs[1], outs[0])
 
 
-@pytest.mark.parametrize("t", [1, 3])
-def test_combine_with_the_residual_equals_combine_then_add(t):
+@pytest.mark.parametrize("t,only", [(1, None), (3, None), (4, 2)])
+def test_combine_with_the_residual_equals_combine_then_add(t, only):
     e, n = 5, 384
-    ids = moe.moe_route(_logits(t, e, seed=t), None, top_k=2, n_groups=1, n_limited_groups=1,
+    ids = moe.moe_route(_logits(t, e, seed=t, only=only), None, top_k=2, n_groups=1, n_limited_groups=1,
                         score_func="softmax", route_scale=1.0)[1]
     lay = moe.moe_align(ids, e, layout="masked", max_m=t)
     g = torch.Generator().manual_seed(t)
@@ -167,3 +171,32 @@ def test_prequantised_input_and_residual_equal_the_separate_passes(t, layout):
         moe.fused_moe(x, gw, None, w13, s13, w2, s2, n_shared=2, x_quant=(x, x), **route)
     with pytest.raises(ValueError, match="n_shared"):
         moe.fused_moe(x, gw, None, w13, s13, w2, s2, n_shared=10, **route)
+
+
+def test_assignment_ids_outside_the_tokens_are_confined():
+    """A layout row naming an assignment outside [0, T * top_k) (unchecked ids, as under CUDA-graph capture) reads
+    token 0's row and routing weight 0, never memory outside the operands; the other rows are unaffected."""
+    e, d, inter, t = 2, 256, 128, 2
+    w13, s13, w2, s2 = _experts(e, d, inter, seed=3)
+    g = torch.Generator().manual_seed(1)
+    q, s = act_quant(torch.randn(t, d, generator=g).to(torch.bfloat16).to(DEV))
+    rw = torch.rand(t * 2, generator=g).to(DEV) + 0.5
+    counts = torch.tensor([2, 1], dtype=torch.int32, device=DEV)
+    outs = []
+    for bad in (1, 10 ** 6, -7):        # 1: token 0's second assignment (valid); the others name no assignment
+        rows = torch.tensor([0, 2, bad, -1], dtype=torch.int32, device=DEV)     # [E=2, M_max=2] layout rows
+        h = torch.full((e, t, inter), float("nan"), device=DEV).to(FP8)
+        sh = torch.full((e, t, 1), float("nan"), device=DEV)
+        moe.grouped_gemm(q, s, w13, s13, h, epilogue="swiglu_quant", out_scale=sh, a_rows=rows, top_k=2,
+                         masked_m=counts)
+        y = torch.full((e, t, d), float("nan"), dtype=torch.bfloat16, device=DEV)
+        moe.grouped_gemm(h, sh, w2, s2, y, epilogue="weight", row_weight=rw, weight_rows=rows, top_k=2,
+                         masked_m=counts)
+        used = torch.stack([h[0, 0], h[0, 1], h[1, 0]]).float(), torch.stack([sh[0, 0], sh[0, 1], sh[1, 0]])
+        outs.append((used, y))
+    (h_ok, s_ok), y_ok = outs[0]
+    assert torch.isfinite(h_ok).all() and torch.isfinite(y_ok[0]).all() and (y_ok[1, 0] != 0).any()
+    for (h_bad, s_bad), y_bad in outs[1:]:
+        assert torch.equal(h_bad, h_ok) and torch.equal(s_bad, s_ok)       # token 0's row, as id 1 reads
+        assert torch.equal(y_bad[0], y_ok[0])                                # expert 0's rows unaffected
+        assert (y_bad[1, 0] == 0).all()                                      # routing weight 0
