@@ -84,8 +84,12 @@ def _vocab(m: nn.Module) -> int:
 
 
 def _layer_type(layer: nn.Module) -> str:
-    from dskc.capture.regions import is_moe
-    return "moe" if any(is_moe(m) or type(m).__name__ == "KernelMoE" for m in layer.modules()) else "dense"
+    """"moe" when the layer holds a MoE block (a family table row of kind MoE, or its kernel module), else "dense"."""
+    from dskc.capture.families import FAMILIES
+    from dskc.ir.graph import Op
+    rows = [f for f in FAMILIES if f.kind is Op.MOE]
+    return "moe" if any(type(m).__name__ == "KernelMoE" or any(f.match.test(m) for f in rows)
+                        for m in layer.modules()) else "dense"
 
 
 def _scopes(m: nn.Module) -> dict:

@@ -15,7 +15,7 @@ from dskc.backend import DskcBackend
 from dskc.lower.passes import Options
 from dskc.model import quantize_weight, weight_dequant
 from dskc.model.fp8 import act_quant_dequant
-from dskc.ops import moe as moe_ops
+from dskc.ops import moe_block as moe_ops   # fused_moe: its grouped GEMMs are launched from here
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and not knobs.get().triton_interpret,
                                 reason="needs a CUDA GPU or TRITON_INTERPRET=1")

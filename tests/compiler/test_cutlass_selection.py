@@ -1,5 +1,6 @@
 """CUTLASS kernels as selection candidates: listed on sm90a only, picked only on a measured (GPU-timed) win from
 <tuned dir>/<arch>/_backends.json, never on a model estimate, a stale or invalid decision, or the CPU runtime."""
+import dataclasses
 import json
 import logging
 
@@ -8,6 +9,7 @@ import torch
 
 from dskc import compiler, knobs
 from dskc.explain import kernel_table
+from dskc.lower.passes import Options
 from dskc.model import Transformer, get_config
 from dskc.select import backends
 from dskc.select.choose import RUNTIME_CUTLASS
@@ -59,9 +61,13 @@ def test_alternatives_listed_on_sm90a_only(model, tmp_path):
     p = plan_with(tmp_path, model)
     alts = {c.stem: c.alternatives for c in p.choices}
     assert alts["fp8_gemm_1d2d"] == ("sm90_fp8_gemm_1d2d",)
-    assert alts["bf16_gemm"] == ("sm90_bf16_gemm",)
-    assert alts["grouped_gemm"] == ("sm90_fp8_grouped_gemm_1d2d",)
+    # the head writes fp32 logits and the MoE's grouped GEMMs read their rows through the layout (the dense MLP's
+    # runs in the one-expert mode): no CUTLASS kernel does either
+    assert alts["bf16_gemm"] == () and alts["grouped_gemm"] == ()
     assert alts["act_quant"] == () and alts["mla_decode"] == ()
+    bf16 = plan_with(tmp_path, Transformer(dataclasses.replace(get_config("tiny"), dtype="bf16"), device="meta"))
+    assert {c.alternatives for c in bf16.choices if c.stem == "bf16_gemm" and c.region != "head"} == \
+        {("sm90_bf16_gemm",)}
     assert all(c.backend == "triton" for c in p.choices)
     assert {c.why for c in p.choices if c.alternatives} == {"default: Triton (no measurement)"}
     assert "triton: default: Triton (no measurement)" in kernel_table(p)
@@ -78,7 +84,7 @@ def test_gpu_timed_decision_switches_the_bucket_to_cutlass(model, tmp_path):
     c = picked[0]
     assert c.stem == "sm90_fp8_gemm_1d2d" and dict(c.config) == CFG and c.source == f"measured:{path}"
     assert c.triton[0] == "fp8_gemm_1d2d" and c.triton[2] == "default:sm90"
-    assert dict(c.problem) == {**WO, "out_dtype": "bf16"} and c.slot == "gemm" and c.tokens == 64
+    assert dict(c.problem) == {**WO, "out_dtype": "bf16", "residual": 0} and c.slot == "gemm" and c.tokens == 64
     assert "cutlass 1.33x faster" in c.why and "cuda-graph" in c.why
     # the act_quant of the region and every other GEMM bucket stay on Triton
     assert all(x.backend == "triton" for x in p.choices if x.region == c.region and x is not c)
@@ -118,14 +124,16 @@ def test_corrupt_decision_file_raises_naming_it(model, tmp_path, raw, message):
     assert str(path) in str(info.value)
 
 
-def test_moe_decision_is_recorded_but_runtime_has_no_cutlass_path(model, tmp_path):
-    grouped = dict(next(c.problem for c in plan_with(tmp_path, model).choices if c.slot == "gemm1"))
-    cfg = dict(VERIFIED["sm90_fp8_grouped_gemm_1d2d"][0])
-    write(tmp_path, entry("grouped_gemm", grouped, stem="sm90_fp8_grouped_gemm_1d2d", config=cfg))
-    p = plan_with(tmp_path, model)
+def test_decision_inside_an_mlp_is_recorded_but_its_runtime_has_no_cutlass_path(model, tmp_path):
+    opts = Options(fuse_block_norms=False)     # the dense MLP's w2 GEMM without the block's residual epilogue
+    down = dict(next(c.problem for c in plan_with(tmp_path, model, options=opts).choices
+                     if c.region == "layers.0.ffn" and c.slot == "down"))
+    write(tmp_path, entry("fp8_gemm_1d2d", down))
+    p = plan_with(tmp_path, model, options=opts)
     assert all(c.backend == "triton" for c in p.choices)
-    moe = [c for c in p.choices if c.slot == "gemm1"]
-    assert moe and all("no CUTLASS path in the moe runtime module" in c.why for c in moe)
+    mlp = [c for c in p.choices if c.region == "layers.0.ffn" and c.slot == "down"]
+    assert mlp and all("no CUTLASS path in the mlp runtime module" in c.why for c in mlp)
+    assert all(c.alternatives == () for c in p.choices if c.stem == "grouped_gemm")     # the MoE: none at all
     assert RUNTIME_CUTLASS == {compiler.Op.LINEAR, compiler.Op.FP8_LINEAR}
 
 

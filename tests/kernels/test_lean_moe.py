@@ -49,19 +49,21 @@ def test_gate_kernel_equals_the_fp32_product(t, wdtype):
         moe.moe_gate(x[:, :100], w[:, :100].contiguous())
 
 
-@pytest.mark.parametrize("t,only", [(1, None), (3, None), (5, 6), (19, None)])
+@pytest.mark.parametrize("t,only,renorm", [(1, None, None), (3, None, None), (5, 6, None), (19, None, None),
+                                           (3, None, False)])
 @pytest.mark.parametrize("n_shared", [0, 2])
-def test_route_align_equals_route_then_align(t, only, n_shared):
+def test_route_align_equals_route_then_align(t, only, renorm, n_shared):
     logits = _logits(t, 16, seed=t, only=only)
     bias = (torch.randn(16, generator=torch.Generator().manual_seed(9)) * 0.01).to(DEV)
-    w0, i0 = moe.moe_route(logits, bias, **ROUTE)
-    w1, i1 = moe.moe_route(logits, bias, n_shared=n_shared, **ROUTE)
+    route = dict(ROUTE, renorm=renorm)      # renorm False: a sigmoid router without renormalisation
+    w0, i0 = moe.moe_route(logits, bias, **route)
+    w1, i1 = moe.moe_route(logits, bias, n_shared=n_shared, **route)
     k = ROUTE["top_k"]
     assert torch.equal(w1[:, :k], w0) and torch.equal(i1[:, :k], i0)
     if n_shared:     # the shared experts: E .. E + n - 1, weight 1
         assert (i1[:, k:] == torch.arange(16, 16 + n_shared, dtype=torch.int32, device=DEV)).all()
         assert (w1[:, k:] == 1).all()
-    w2, i2, lay = moe.moe_route_align(logits, bias, n_shared=n_shared, **ROUTE)
+    w2, i2, lay = moe.moe_route_align(logits, bias, n_shared=n_shared, **route)
     assert torch.equal(w2, w1) and torch.equal(i2, i1)
     ref = moe.moe_align(i1, 16 + n_shared, layout="masked", max_m=t)
     assert torch.equal(lay.counts, ref.counts) and torch.equal(lay.dest, ref.dest)
