@@ -49,9 +49,12 @@ def problem_names() -> tuple[str, ...]:
 
 
 def rule(problem: Problem, family: str, base: dict, sms: int, fits) -> dict:
-    """Tokens per program: the tokens rounded up to 16..64; the K step the largest of 128 / 64 / 32 dividing D."""
+    """Tokens per program: the tokens rounded up to 16..64; the K step the largest of 128 / 64 / 32 dividing D;
+    8 warps past 16 tokens (sm_90a, BLOCK_E 64 x BLOCK_K 128: 4 warps take 237 registers at 16 tokens, 255 at 32
+    and spill 392 bytes at 64; 8 warps take 128 at 32 and 64, no spills)."""
     bk = next((k for k in (128, 64, 32) if problem.D % k == 0), base["BLOCK_K"])
-    cfg = {**base, "BLOCK_T": max(16, min(64, pow2(problem.T))), "BLOCK_K": bk}
+    bt = max(16, min(64, pow2(problem.T)))
+    cfg = {**base, "BLOCK_T": bt, "BLOCK_K": bk, "num_warps": 8 if bt > 16 else base["num_warps"]}
     return cfg if fits(cfg) else dict(base)
 
 

@@ -4,6 +4,7 @@ matrices. Figures are recorded in each stem's DEFAULTS comment."""
 import pytest
 
 from dskc.build.report import kernel_report
+from dskc.templates import registry
 
 V3_ROUTE = {"T": 64, "E": 256, "top_k": 8, "n_groups": 8, "n_limited_groups": 4, "sigmoid": 1, "has_bias": 1}
 V3_GEMM1 = {"E": 257, "M": 257 * 64, "N": 2048, "K": 7168, "dtype": "fp8", "layout": "masked",
@@ -47,3 +48,13 @@ def test_lean_kernels_compile_without_spills_and_with_wgmma(stem, problem, op, k
         assert not r.spills and r.stack_bytes == 0, r
         if op is not None:
             assert op in r.tensor_core_ops, r
+
+
+@pytest.mark.parametrize("tokens", [64, 128])
+def test_gate_at_the_rules_config_for_a_prefill_bucket_does_not_spill(tokens):
+    """The rule's config past the decode sizes (BLOCK_T 64, where 4 warps spilled 392 bytes: tiny's AOT build)."""
+    problem = {"T": tokens, "E": 16, "D": 256}
+    cfg = registry.default_config("moe_gate", "sm90a", problem)
+    assert cfg["BLOCK_T"] == 64
+    for r in kernel_report("moe_gate", problem, "sm90a", config=cfg):
+        assert not r.spills and r.stack_bytes == 0 and "HGMMA" in r.tensor_core_ops, r
