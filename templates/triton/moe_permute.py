@@ -141,7 +141,7 @@ def row_space(n_assign: int, E: int, align: int) -> int:
 
 def compile_specs(problem, config: dict) -> list[CompileSpec]:
     problem = Problem.of(problem)
-    act = element(problem.dtype)
+    act = "*i32" if problem.op == "align" else element(problem.dtype)   # align's kernels read no activations
     sigs = {
         "moe_count_kernel": {"ids_ptr": "*i32", "chunk_ptr": "*i32", "A": "i32"},
         "moe_scan_kernel": {"chunk_ptr": "*i32", "base_ptr": "*i32", "counts_ptr": "*i32", "starts_ptr": "*i32",
