@@ -250,7 +250,8 @@ def bf16_gemm(a, b, out=None, config: dict | None = None, out_dtype: torch.dtype
     accumulator itself, e.g. an LM head's logits).
 
     a and b bf16 (or fp16, both the same), contiguous in K, K a multiple of 8 (16-byte aligned rows); any M, N.
-    out (optional) [M, N] of the output dtype, contiguous in N. Returns out.
+    out (optional) [M, N] of the output dtype (the operands' unless out_dtype=torch.float32 is asked), contiguous
+    in N. Returns out.
     """
     _check_tensor("a", a, (torch.bfloat16, torch.float16), ndim=2)
     _check_tensor("b", b, (a.dtype,), ndim=2)
@@ -262,7 +263,7 @@ def bf16_gemm(a, b, out=None, config: dict | None = None, out_dtype: torch.dtype
     _check_aligned("a", a)
     _check_aligned("b", b)
     M, N = a.shape[0], b.shape[0]
-    out_dtype = out_dtype or (out.dtype if out is not None else a.dtype)
+    out_dtype = out_dtype or a.dtype
     if out_dtype not in (a.dtype, torch.float32):
         raise TypeError(f"out_dtype must be the operands' dtype {a.dtype} or float32, got {out_dtype}")
     if out is None:

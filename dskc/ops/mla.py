@@ -132,6 +132,10 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal=Fa
                            bool(causal), int(split))
     cfg = dict(_cfg.resolve(_dec.STEM, q.device, config, problem))
     rows = s_q * h_q
+    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale}")
+    if _should_validate(validate, q.device):       # before any launch (the schedule's included)
+        validate_paged(block_table, cache_seqlens, num_blocks, page)
     if metadata is None:
         metadata = get_mla_metadata(cache_seqlens, rows, 1, block_m=cfg["BLOCK_M"], block_n=cfg["BLOCK_N"],
                                     block_dv=cfg["BLOCK_DV"], num_parts=num_splits)
@@ -139,10 +143,6 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal=Fa
         raise ValueError(f"metadata was made for {metadata.num_q_rows} rows and batch "
                          f"{metadata.num_splits.shape[0] - 1}; this call has {rows} rows and batch {b}")
     cfg["BLOCK_N"] = metadata.block_n
-    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
-        raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale}")
-    if _should_validate(validate, q.device):
-        validate_paged(block_table, cache_seqlens, num_blocks, page)
     out = torch.empty(b, s_q, h_q, D_LATENT, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
     if b == 0:
@@ -295,15 +295,14 @@ def _check_cache_target(kv_cache, slots, kv_format, tokens, device, validate=Non
         raise ValueError(f"slots beyond the cache's {capacity} token slots")
 
 
-def _rope_dtype(kv_a, norm_weight, q_pe, dense_cache) -> torch.dtype:
-    """The dtype of the rope kernel's query, norm weight and dense cache (kv_a may differ: converted on the write)."""
-    dtype = dense_cache.dtype if dense_cache is not None else (q_pe.dtype if q_pe is not None else kv_a.dtype)
-    if dense_cache is not None and dtype not in _FLOATS:
-        raise TypeError(f"a dense kv_cache must be bf16/fp16/fp32, got {dtype}")
-    for name, x in (("q_pe", q_pe), ("norm_weight", norm_weight)):
-        if x is not None and x.dtype != dtype:
-            raise TypeError(f"{name} must be {dtype} (the cache's / query's dtype), got {x.dtype}")
-    return dtype
+def _rope_dtype(kv_a, q_pe, dense_cache) -> torch.dtype:
+    """The dtype of the rope kernel's query and norm weight: q_pe's, else the dense cache's, else kv_a's (kv_a and
+    the cache may differ: converted on the write)."""
+    if dense_cache is not None and dense_cache.dtype not in _FLOATS:
+        raise TypeError(f"a dense kv_cache must be bf16/fp16/fp32, got {dense_cache.dtype}")
+    if q_pe is not None:
+        return q_pe.dtype
+    return dense_cache.dtype if dense_cache is not None else kv_a.dtype
 
 
 def rope_norm_cache_write(kv_a, norm_weight, rope_table, positions, q_pe=None, *, eps=1e-6, kv_cache=None,
@@ -314,8 +313,8 @@ def rope_norm_cache_write(kv_a, norm_weight, rope_table, positions, q_pe=None, *
     slice of a stacked projection's output); norm_weight [512]; rope_table: fp32 [max_pos, 32, 2] (cos, sin) as
     dskc.model.mla.precompute_rope; positions: int32 [T]; q_pe: [T, H, 64] with unit last stride (e.g. q[..., 128:]),
     rotated in place; kv_cache (see module doc) with slots int32 [T] = page id * page + offset (negative: skip).
-    A dense cache may have another float dtype than kv_a (values are converted on the write; q_pe and norm_weight
-    then have the cache's dtype). Returns (latent [T, 512], k_pe [T, 64]) in kv_a's dtype. RoPE pairs
+    A dense cache may have another float dtype than kv_a and q_pe (values are converted on the write; a norm_weight
+    of another dtype than the query's, else the cache's, is converted first). Returns (latent [T, 512], k_pe [T, 64]) in kv_a's dtype. RoPE pairs
     (x[2i], x[2i+1]); math in fp32. validate: positions and slots are checked (one sync) unless False or a CUDA graph
     is being captured (see the module docstring for what the kernel does unchecked).
     """
@@ -325,6 +324,8 @@ def rope_norm_cache_write(kv_a, norm_weight, rope_table, positions, q_pe=None, *
     t = kv_a.shape[0]
     if tuple(norm_weight.shape) != (D_LATENT,):
         raise ValueError(f"norm_weight must be [{D_LATENT}], got {tuple(norm_weight.shape)}")
+    if norm_weight.dtype not in _FLOATS:
+        raise TypeError(f"norm_weight must be bf16/fp16/fp32, got {norm_weight.dtype}")
     if rope_table.dtype != torch.float32 or rope_table.dim() != 3 or rope_table.shape[1:] != (D_ROPE // 2, 2):
         raise TypeError(f"rope_table must be fp32 [max_pos, {D_ROPE // 2}, 2], got {rope_table.dtype} "
                         f"{tuple(rope_table.shape)}")
@@ -341,9 +342,13 @@ def rope_norm_cache_write(kv_a, norm_weight, rope_table, positions, q_pe=None, *
     if write:
         _check_cache_target(kv_cache, slots, kv_format, t, kv_a.device, validate)
     heads = q_pe.shape[1] if q_pe is not None else 0
-    dtype = _rope_dtype(kv_a, norm_weight, q_pe, kv_cache if write and kv_format == "bf16" else None)
+    dense = kv_cache if write and kv_format == "bf16" else None
+    dtype = _rope_dtype(kv_a, q_pe, dense)
+    if norm_weight.dtype != dtype:
+        norm_weight = norm_weight.to(dtype)
     problem = _rope.Problem(t, heads, write and kv_format == "fp8", _dt(dtype), write,
-                            "" if kv_a.dtype == dtype else _dt(kv_a.dtype))
+                            "" if kv_a.dtype == dtype else _dt(kv_a.dtype),
+                            "" if dense is None or dense.dtype == dtype else _dt(dense.dtype))
     cfg = _cfg.resolve(_rope.STEM, kv_a.device, config, problem)
     lat = torch.empty(t, D_LATENT, dtype=kv_a.dtype, device=kv_a.device)
     pe = torch.empty(t, D_ROPE, dtype=kv_a.dtype, device=kv_a.device)

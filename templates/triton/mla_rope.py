@@ -28,13 +28,15 @@ STEM = "mla_rope"
 class Problem(ProblemBase):
     """`tokens` rows of kv_a and q_pe (h_q heads; 0: no query) of `dtype`; write_cache: into a paged cache (FP8 when
     kv_fp8); in_dtype: kv_a's (and the latent / k_pe outputs') dtype when it differs from `dtype` ("": the same),
-    e.g. a bf16 projection feeding an fp16 cache under the interpreter."""
+    e.g. a bf16 projection feeding an fp16 cache under the interpreter; cache_dtype: a dense cache's dtype when it
+    differs from `dtype` (values are converted on the write)."""
     tokens: int
     h_q: int
     kv_fp8: int = 0
     dtype: str = "bf16"
     write_cache: int = 1
     in_dtype: str = ""
+    cache_dtype: str = ""
     BUCKETS = {"tokens": "pow2"}
 
     def __post_init__(self):
@@ -124,7 +126,8 @@ def compile_specs(problem, config: dict) -> list[CompileSpec]:
     dt = element(problem.dtype)
     ind = element(problem.in_dtype or problem.dtype)
     fp8 = bool(problem.kv_fp8) and bool(problem.write_cache)
-    cache = ("*u8", "*fp32", "*bf16") if fp8 else ((dt, dt, dt) if problem.write_cache else (ind, ind, ind))
+    cdt = element(problem.cache_dtype or problem.dtype)
+    cache = ("*u8", "*fp32", "*bf16") if fp8 else ((cdt, cdt, cdt) if problem.write_cache else (ind, ind, ind))
     sig = {"kv_a_ptr": ind, "weight_ptr": dt, "rope_tab_ptr": "*fp32", "pos_ptr": "*i32",
            "q_ptr": dt if problem.h_q else ind, "kv_out_ptr": ind, "pe_out_ptr": ind, "slots_ptr": "*i32",
            "cache_ptr": cache[0], "sc_ptr": cache[1],
