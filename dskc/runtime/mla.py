@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from dskc import ops
 from dskc.ops.mla import MLAStep
-from dskc.runtime.modules import dot_dtype, warn_once
+from dskc.runtime.modules import KernelLinear, dot_dtype, warn_once
 from dskc.runtime.table import config as _cfg
 from dskc.select.launches import MLA_PAGE
 from dskc.templates.triton import mla_decode as _dec
@@ -193,9 +193,10 @@ class KernelMLA(nn.Module):
 
     def _output(self, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """wo(out @ W_UV^T) [T, dim] in `dtype`: W_UV and wo's 1x128 quantisation in one kernel (an FP8 wo's GEMM
-        then reads the quantised rows), or out @ W_UV^T for a 16-bit wo."""
+        then reads the quantised rows), or out @ W_UV^T for a 16-bit wo (or a wo swapped for another module after
+        compile, e.g. a hook reading the attention's output: it gets the 16-bit rows)."""
         t = out.shape[0]
-        if self.absorb_quant:
+        if self.absorb_quant and isinstance(self.wo, KernelLinear):
             q8, s8 = ops.mla_absorb_o(out, self.w_uv, dtype, True, config=_cfg(self.table, "absorb_o", t))
             return ops.fp8_gemm(q8, s8, self.wo.weight, self.wo.scale, out_dtype=self.wo.out_dtype or dtype,
                                 config=_cfg(self.wo.table, "gemm", t))

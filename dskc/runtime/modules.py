@@ -95,7 +95,10 @@ class KernelLinear(nn.Module):
         elif self.cutlass is not None:
             y = self._cutlass(x2).to(out_dtype)
         elif self.fp8:
-            q, s = ops.act_quant(x2.contiguous(), config=_cfg(self.table, "quant", t))
+            # after MLA's absorb_o (prologue mla_absorb_o) the plan has no quant kernel: KernelMLA hands the GEMM
+            # quantised rows; called on its own (e.g. on another module's output), act_quant picks its config
+            quant = None if self.node.attr("prologue") == "mla_absorb_o" else _cfg(self.table, "quant", t)
+            q, s = ops.act_quant(x2.contiguous(), config=quant)
             y = ops.fp8_gemm(q, s, self.weight, self.scale, out_dtype=out_dtype, config=_cfg(self.table, "gemm", t))
         else:
             y = ops.bf16_gemm(x2.to(self.weight.dtype).contiguous(), self.weight,
