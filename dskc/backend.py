@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +30,13 @@ from dskc.capture import layouts
 from dskc.capture.regions import node_of
 from dskc.explain import RegionRecord, region_table
 from dskc.ir.graph import Graph, Op
+from dskc.logs import warn_once
 from dskc.lower.passes import Options, lower
 from dskc.runtime import fx_ops  # noqa: F401  (registers the dskc:: ops)
 from dskc.runtime import weights
-from dskc.runtime.modules import dot_dtype, warn_once
+from dskc.runtime.modules import dot_dtype
+
+log = logging.getLogger("dskc.runtime")  # where warn_once reports (as before)
 
 _LINEARS = (F.linear, torch._C._nn.linear)
 _KNOWN_LEFT = {F.scaled_dot_product_attention: "standard attention (SDPA): no dskc kernel; Inductor's",
@@ -351,7 +355,7 @@ class DskcBackend:
         rep = GraphReport(lower_graph(gm, example_inputs, opts), "")
         for r in rep.regions:
             if not r.lowered:
-                warn_once(f"backend:{r.reason}", f"dskc backend: {r.path} left to {opts.rest}: {r.reason}")
+                warn_once(log, f"backend:{r.reason}", f"dskc backend: {r.path} left to {opts.rest}: {r.reason}")
         fn, rep.compiler = _compile_rest(gm, example_inputs, opts.rest)
         self.graphs.append(rep)
         return fn
@@ -385,7 +389,7 @@ def _compile_rest(gm, example_inputs, rest: str):
         return compile_fx(gm, example_inputs), "inductor"
     except Exception as exc:  # noqa: BLE001 - Inductor needs a working C++ toolchain on CPU; fall back visibly
         if rest == "inductor":
-            warn_once("backend:aot_eager", f"dskc backend: Inductor could not compile the rest ({exc!r:.200}); "
+            warn_once(log, "backend:aot_eager", f"dskc backend: Inductor could not compile the rest ({exc!r:.200}); "
                       "using aot_eager")
         from torch._dynamo.backends.common import aot_autograd
         from torch._functorch.aot_autograd import make_boxed_func

@@ -15,14 +15,17 @@ PyTorch with that mask (logged once): checking costs one device sync per layer.
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 import torch.nn as nn
 
 from dskc import ops
-from dskc.runtime.modules import warn_once
+from dskc.logs import warn_once
 from dskc.runtime.table import config as _cfg
 from dskc.select.launches import MLA_PAGE
+
+log = logging.getLogger("dskc.runtime")  # where warn_once reports (as before)
 
 
 def _causal(mask: torch.Tensor | None, s: int, length: int) -> bool:
@@ -76,7 +79,7 @@ def mla_attend(q: torch.Tensor, kv: torch.Tensor, kr: torch.Tensor, mask: torch.
         out, _ = ops.mla_decode(qq, cache, block_table, seqlens, scale, causal=s > 1,
                                 config=_cfg(table, "decode" if s == 1 else "prefill", b * s))
     else:
-        warn_once("mla-mask", "dskc: an MLA call with a mask other than causal (padding, a static cache) ran its "
+        warn_once(log, "mla-mask", "dskc: an MLA call with a mask other than causal (padding, a static cache) ran its "
                   "attention in PyTorch")
         out = _attend_torch(q_lat, q_rot, kv, kr, mask, scale).to(kd)
     o = torch.einsum("bshc,hdc->bshd", out, w_uv)

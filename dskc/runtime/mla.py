@@ -11,15 +11,20 @@ wkv_b is absorbed ahead of time: its K half folds into the query, its V half int
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 
 from dskc import ops
+from dskc.logs import warn_once
 from dskc.ops.mla import MLAStep
-from dskc.runtime.modules import KernelLinear, dot_dtype, warn_once
+from dskc.runtime.modules import KernelLinear, dot_dtype
 from dskc.runtime.table import config as _cfg
 from dskc.select.launches import MLA_PAGE
 from dskc.templates.triton import mla_decode as _dec
+
+log = logging.getLogger("dskc.runtime")  # where warn_once reports (as before)
 
 PAGE = MLA_PAGE   # the page size selection plans with (a table's decode problem names it)
 
@@ -127,7 +132,7 @@ class KernelMLA(nn.Module):
         slot = "decode" if seqlen == 1 else "prefill"
         step_slot = "step" if seqlen == 1 else "prefill_step"
         if not self.owns_step and self.table is not None:
-            warn_once(f"step-{self.node.name}", f"dskc: {self.node.name} computes its own MLA step state (the "
+            warn_once(log, f"step-{self.node.name}", f"dskc: {self.node.name} computes its own MLA step state (the "
                       "region owning it is not on kernels): one mla_step launch per layer")
         table = self.table if self.owns_step else None
         device = isinstance(start_pos, torch.Tensor)

@@ -13,26 +13,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dskc import knobs, ops
+from dskc.logs import warn_once
 from dskc.runtime.table import config as _cfg
 from dskc.runtime.weights import Dense, MLPWeights, MoEWeights
 from dskc.select.launches import shared_as_experts
 
 log = logging.getLogger("dskc.runtime")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_WARNED: set = set()
-
-
-def warn_once(key: str, msg: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        log.warning(msg)
 
 
 def dot_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype that dot-kernel operands of `dtype` run in on this runtime (the rule selection plans with:
     dskc.select.launches.dot_dtype)."""
     if dtype == torch.bfloat16 and knobs.get().triton_interpret:
-        warn_once("bf16-interp", "dskc: Triton's interpreter multiplies bf16 dot operands wrongly; running them as "
+        warn_once(log, "bf16-interp", "dskc: Triton's interpreter multiplies bf16 dot operands wrongly; running them as "
                   "fp16 on the CPU (GPU runs keep bf16)")
         return torch.float16
     return dtype

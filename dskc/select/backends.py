@@ -26,6 +26,7 @@ import json
 import logging
 from pathlib import Path
 
+from dskc.logs import warn_once
 from dskc.select import tuned
 
 log = logging.getLogger("dskc.select")
@@ -107,11 +108,6 @@ def _read_cached(path: str, mtime_ns: int, size: int) -> str:
     return json.dumps(read_file(Path(path)))
 
 
-@functools.lru_cache(maxsize=None)
-def _log_once(message: str) -> None:
-    log.warning(message)
-
-
 def _speed(e: dict) -> str:
     t, c = e.get("triton_us"), e.get("cutlass_us")
     if not (isinstance(t, (int, float)) and isinstance(c, (int, float)) and t > 0 and c > 0):
@@ -145,7 +141,7 @@ def decide(stem: str, problem: dict, arch, *, runs_on: str = "gpu", root: Path |
         return triton
     stale = tuned.stale_reason(e["meta"], tuned.current_toolchain())
     if stale:
-        _log_once(f"dskc: backend decision {name} of {path} ignored: {stale}")
+        warn_once(log, f"dskc: backend decision {name} of {path} ignored: {stale}")
         return dataclasses.replace(triton, why=f"default: Triton (decision in {path} is stale: {stale})")
     said = f"{_speed(e)}, {e['timing_mode']} ({path})"
     if e["timing_mode"] not in MEASURED_MODES:
@@ -156,12 +152,12 @@ def decide(stem: str, problem: dict, arch, *, runs_on: str = "gpu", root: Path |
         return dataclasses.replace(triton, why=f"Triton: CPU runtime (interpreter) cannot run CUTLASS; "
                                                 f"on the GPU: {said}")
     if e["stem"] not in cutlass.stems():
-        _log_once(f"dskc: backend decision {name} of {path} ignored: it names CUTLASS kernel {e['stem']!r}, which "
+        warn_once(log, f"dskc: backend decision {name} of {path} ignored: it names CUTLASS kernel {e['stem']!r}, which "
                   f"does not exist (known: {cutlass.stems()})")
         return dataclasses.replace(triton, why=f"default: Triton (decided CUTLASS kernel {e['stem']!r} unknown)")
     errors = cutlass.violations(e["stem"], e["config"], cutlass_problem(stem, problem))
     if errors:
-        _log_once(f"dskc: backend decision for {stem} in {path} ignored: {'; '.join(errors)}")
+        warn_once(log, f"dskc: backend decision for {stem} in {path} ignored: {'; '.join(errors)}")
         return dataclasses.replace(triton, why=f"default: Triton (decided CUTLASS config invalid: {errors[0]})")
     return Decision("cutlass", e["stem"], tuple(sorted(e["config"].items())), f"measured: {said}",
                     f"measured:{path}")

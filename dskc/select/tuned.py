@@ -28,6 +28,7 @@ import math
 from pathlib import Path
 
 from dskc.arch import parse
+from dskc.logs import warn_once
 
 log = logging.getLogger("dskc.select")
 FORMAT = 1
@@ -74,11 +75,6 @@ def read_file(path: Path) -> dict:
 @functools.lru_cache(maxsize=64)
 def _read_cached(path: str, mtime_ns: int, size: int) -> str:
     return json.dumps(read_file(Path(path)))
-
-
-@functools.lru_cache(maxsize=None)
-def _log_once(message: str) -> None:
-    log.warning(message)
 
 
 def current_gpu() -> str | None:
@@ -162,7 +158,7 @@ def lookup(stem: str, arch, problem: dict, *, root: Path | None = None) -> tuple
         why = (stale_reason(entry["meta"], current) or _other_gpu(entry["meta"], gpu)
                or _meets_constraints(stem, entry["config"], problem))
         if why is not None:
-            _log_once(f"dskc: tuned entry {name} of {path} ignored: {why}")
+            warn_once(log, f"dskc: tuned entry {name} of {path} ignored: {why}")
             continue
         dist = _distance(doc, entry["bucket"], problem)
         if dist is not None and (best is None or (dist, _size(entry)) < best[:2]):

@@ -13,7 +13,7 @@ def test_fp8_gemm_study_end_to_end(tmp_path):
     space = load_space("fp8_gemm_1d2d")
     task = Task("fp8_gemm_1d2d", PROBLEM, "sm90a", str(tmp_path / "fp8.db"), n_trials=5, seed=0)   # + 2 below
     study, key = prepare(task)
-    assert key.dtype == "fp8e4nv" and dict(key.bucket) == {**PROBLEM, "out_dtype": "bf16"}
+    assert key.dtype == "fp8e4nv" and dict(key.bucket) == {**PROBLEM, "out_dtype": "bf16", "residual": 0}
     assert key.timing_mode == "model"
     default = dict(space.module.DEFAULTS["sm90"])
     upcast = {**default, "UPCAST": 1, "BLOCK_M": 64, "num_warps": 4, "num_stages": 2}   # decodes to fp16: HGMMA
@@ -34,6 +34,6 @@ def test_fp8_gemm_study_end_to_end(tmp_path):
             assert t.user_attrs["kernels"][0]["spill_bytes"] == 0
             assert "QGMMA" in t.user_attrs["kernels"][0]["tensor_core_ops"]
     (path,) = export(open_storage(task.storage), "sm90a", root=tmp_path)
-    config, source = tuned.lookup("fp8_gemm_1d2d", "sm90a", {"M": 50, "N": 2112, "K": 7168, "out_dtype": "bf16"},
-                                  root=tmp_path)
+    problem = {"M": 50, "N": 2112, "K": 7168, "out_dtype": "bf16", "residual": 0}
+    config, source = tuned.lookup("fp8_gemm_1d2d", "sm90a", problem, root=tmp_path)
     assert config == res.best_config and source == f"tuned:{path}"

@@ -3,7 +3,7 @@
 CI runs this file with triton 3.9 (`./dev test`) and with triton 3.6, the GPU host's (.ci/triton36.sh), so it states
 what holds on both. Registers differ between them (2026-11, the problems below): fp8_gemm_1d2d 184 (3.6: 254),
 bf16_gemm 101 (254), grouped_gemm fp8 254 (254), mla_decode split 207 (212), mla_prefill 237 (254); the rest <= 128.
-The problems are those of test_reports_gemm / _moe / _mla, so in one run the builds come from the cache.
+The problems are those of test_reports_gemm / _moe / _mla / _lean, so in one run the builds come from the cache.
 """
 import pytest
 
@@ -23,6 +23,10 @@ SM90 = {
                    "has_bias": True}, None),
     "moe_permute": ({"T": 4096, "E": 256, "top_k": 8, "D": 7168, "align": 128, "masked": False}, None),
     "mla_rope": (dict(tokens=4096, h_q=16, kv_fp8=1), None),
+    # the lean decode step's stems, at test_reports_lean's problems (more of their variants there)
+    "mla_step": ({"batch": 64, "s_q": 1, "split": 1}, None),
+    "mla_absorb": ({"tokens": 64, "heads": 128, "nope": 128, "v_dim": 128, "op": "q"}, "HGMMA"),
+    "moe_gate": ({"T": 64, "E": 256, "D": 7168}, "HGMMA"),
 }
 
 
