@@ -83,14 +83,19 @@ def problem_names() -> tuple[str, ...]:
 
 
 # sm_80 runs the fp16-upcast kernel: 128x128 with 8 warps spilled 28 bytes there (DEFAULTS' note), so its rule
-# keeps to tiles of at most 64 x 128.
-SM80_TILES = tuple(t for t in GEMM_TILES if t[0] * t[1] <= 64 * 128)
+# keeps to tiles of at most 64 x 128. So does a residual epilogue, on 8 warps from 64 x 128 up: the residual tile
+# beside the accumulator left sm_90a stack frames under Triton 3.6 (the GPU host's; 3.9 fits them): 128x128 on 8
+# warps 24 bytes, 64x128 on 4 warps 160; 64x128 / 128x64 on 8 warps: 160 / 164 registers, no stack.
+SMALL_TILES = tuple(t for t in GEMM_TILES if t[0] * t[1] <= 64 * 128)
 
 
 def rule(problem: Problem, family: str, base: dict, sms: int, fits) -> dict:
     """The tuning-free config for `problem` (waves / SM fill, split-K at small M; _gemm_common.gemm_rule)."""
-    tiles = SM80_TILES if family == "sm80" else GEMM_TILES
-    return gemm_rule(problem.as_dict(), base, sms, fits, tiles, family)
+    tiles = SMALL_TILES if family == "sm80" or problem.residual else GEMM_TILES
+    cfg = gemm_rule(problem.as_dict(), base, sms, fits, tiles, family)
+    if problem.residual and cfg["BLOCK_M"] * cfg["BLOCK_N"] >= 64 * 128 and fits({**cfg, "num_warps": 8}):
+        cfg = {**cfg, "num_warps": 8}
+    return cfg
 
 
 @functools.lru_cache(maxsize=256)
