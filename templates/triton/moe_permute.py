@@ -75,6 +75,18 @@ CONSTRAINTS = (
     "BLOCK_N % 128 == 0",                           # the quantising gather works on whole 128-channel groups
 )
 
+
+def rule(problem: Problem, family: str, base: dict, sms: int, fits) -> dict:
+    """The base, with the [block, E] tiles of the count / scatter, scan and fill kernels halved (within SPACE) until
+    they fit the registers for this many experts: DeepSeek-V3's 256 routed + 1 shared expert take BLOCK_A and
+    BLOCK_R from 64 to 32 (the base's 64 x 512-wide one-hot tile broke the constraints: a launch refused)."""
+    cap = 2048 * base["num_warps"] // max(problem.E, 16)
+    cfg = dict(base)
+    for name in ("BLOCK_A", "BLOCK_C", "BLOCK_R"):
+        while cfg[name] > cap and cfg[name] // 2 >= min(SPACE[name]):
+            cfg[name] //= 2
+    return cfg if fits(cfg) else dict(base)
+
 # kernel_report sm_90a, E = 256 (tests/kernels/test_reports_moe.py): the one-hot [BLOCK_A, E] kernels at BLOCK_A 128 /
 # 4 warps: 255 registers and 296 bytes of spills; 64 / 4 warps: 216; 64 / 8 warps: 127 (scatter 128, count 48,
 # scan 60), no spills. Fill kernel 64 rows / 8 warps: 128 registers.

@@ -69,6 +69,16 @@ def test_align_many_chunks(config):
     assert torch.equal(masked.counts.cpu(), lay.counts.cpu())
 
 
+@pytest.mark.parametrize("E", [257, 300])
+def test_align_past_256_experts_at_the_default_config(E):
+    """DeepSeek-V3's 256 routed + 1 shared expert (and more) at the tuning-free config: the rule narrows the
+    [block, E] tiles (the base config broke the stem's constraints there and the launch was refused)."""
+    ids = routed_ids(11, E, 9, seed=E)
+    _check_contiguous(moe.moe_align(ids, E, layout="contiguous", align=16), ids, E, 16)
+    masked = moe.moe_align(ids, E, layout="masked")
+    assert torch.equal(masked.counts.cpu().long(), torch.bincount(ids.reshape(-1).long().cpu(), minlength=E))
+
+
 @pytest.mark.parametrize("T,E,top_k,align,only", CASES[:4])
 def test_align_masked(T, E, top_k, align, only):
     ids = routed_ids(T, E, top_k, seed=T * E, only=only)
