@@ -156,6 +156,8 @@ def _y_dtype(normed, dtype) -> str:
 
 def _check_norm(x, weight, eps, residual) -> None:
     _check_tensor("x", x, _ACT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the normalised one)")
     _check_tensor("weight", weight, (x.dtype,), ndim=1)
     if weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight has {weight.shape[0]} elements, x's last dim is {x.shape[-1]}")

@@ -168,7 +168,8 @@ def mla_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal=Fa
 def mla_absorb_q(q, w_uk_t, rope_table, rope_rows, out_dtype, config=None):
     """The absorbed decode query, assembled in place: [T, H, 576] of out_dtype (one launch).
 
-    q [T, H, nope + 64] (wq / wq_b's output as [tokens, heads, width]; unit last stride, any row / head strides),
+    q [T, H, nope + 64] (wq / wq_b's output as [tokens, heads, width]; unit last stride, any row / head strides;
+    nope a power of two in 16..256),
     w_uk_t [H, 512, nope] of out_dtype (wkv_b's K half, each head transposed), rope_table fp32 [max_pos, 32, 2],
     rope_rows int32 [T] (each token's row of the table; not checked: dskc.ops.mla_step made them; a row outside the
     table gives that token a NaN rope part, never a read outside it).
@@ -179,6 +180,11 @@ def mla_absorb_q(q, w_uk_t, rope_table, rope_rows, out_dtype, config=None):
         raise ValueError(f"q must be float [T, H, nope + 64] with a unit last stride, got {q.dtype} {tuple(q.shape)}")
     t, h, width = q.shape
     nope = width - D_ROPE
+    if out_dtype not in _FLOATS:
+        raise TypeError(f"out_dtype must be bf16/fp16/fp32, got {out_dtype}")
+    if not 16 <= nope <= 256 or nope & (nope - 1):      # the whole no-rope width is one dot's K (a power of two)
+        raise ValueError(f"mla_absorb_q serves a no-rope width of 16, 32, 64, 128 or 256, got q's {width} = "
+                         f"{nope} + {D_ROPE}")
     if tuple(w_uk_t.shape) != (h, D_LATENT, nope) or w_uk_t.dtype != out_dtype or not w_uk_t.is_contiguous():
         raise ValueError(f"w_uk_t must be contiguous {out_dtype} [{h}, {D_LATENT}, {nope}], got {w_uk_t.dtype} "
                          f"{tuple(w_uk_t.shape)}")
@@ -208,6 +214,8 @@ def mla_absorb_o(out, w_uv, act_dtype, quant: bool, config=None):
     if out.dim() != 3 or out.shape[-1] != D_LATENT or not out.is_contiguous() or out.dtype not in _FLOATS:
         raise ValueError(f"out must be contiguous float [T, H, {D_LATENT}], got {out.dtype} {tuple(out.shape)}")
     t, h, _ = out.shape
+    if act_dtype not in _FLOATS:
+        raise TypeError(f"act_dtype must be bf16/fp16/fp32, got {act_dtype}")
     if w_uv.dim() != 3 or w_uv.shape[0] != h or w_uv.shape[2] != D_LATENT or w_uv.dtype != out.dtype \
             or not w_uv.is_contiguous():
         raise ValueError(f"w_uv must be contiguous {out.dtype} [{h}, V, {D_LATENT}], got {w_uv.dtype} "

@@ -73,6 +73,9 @@ def rule(problem: Problem, family: str, base: dict, sms: int, fits) -> dict:
     return cfg if fits(cfg) else dict(base)
 
 
+ROUND_ACT = {"bf16": 1, "fp16": 2}     # op "o": o rounded to a 16-bit act dtype other than the attention's (fp32: none)
+
+
 def bind(problem: Problem, config: dict) -> dict:
     """{kernel name: launch keyword arguments}: the problem's op's kernel."""
     if problem.op == "q":
@@ -80,7 +83,7 @@ def bind(problem: Problem, config: dict) -> dict:
     elif problem.op == "o":
         v = problem.v_dim
         consts = {"V": v, "TWO_HEADS": int(v < 128), "QUANT": problem.quant,
-                  "ROUND_BF16": int(problem.act == "bf16" and problem.dtype != "bf16"),
+                  "ROUND_ACT": ROUND_ACT.get(problem.act, 0) if problem.act != problem.dtype else 0,
                   "BLOCK_T": config["BLOCK_T"], "BLOCK_K": config["BLOCK_K"]}
     else:
         raise ValueError(f"mla_absorb op must be one of {sorted(OPS)}, got {problem.op!r}")
@@ -157,7 +160,7 @@ def _head_product(o_ptr, w_base, t, tmask, h, d0, H, ROWS: tl.constexpr, BLOCK_T
 
 @triton.jit
 def mla_o_absorb_kernel(o_ptr, wv_ptr, y_ptr, s_ptr, T, H, V: tl.constexpr, TWO_HEADS: tl.constexpr,
-                        QUANT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_T: tl.constexpr,
+                        QUANT: tl.constexpr, ROUND_ACT: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     """See the module docstring (op "o")."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -175,8 +178,10 @@ def mla_o_absorb_kernel(o_ptr, wv_ptr, y_ptr, s_ptr, T, H, V: tl.constexpr, TWO_
         y = tl.trans(_head_product(o_ptr, wv_ptr + h.to(tl.int64) * V * _DL, t, tmask, h,
                                    (g % (V // 128)) * 128, H, 128, BLOCK_T, BLOCK_K))
     y = _round_to(y, DT)                                       # o in the attention's dtype, as out @ W_UV gives it
-    if ROUND_BF16:                                             # ... then .to(the bf16 activations)
+    if ROUND_ACT == 1:                                         # ... then .to(the 16-bit activations)
         y = _round_to(y, tl.bfloat16)
+    elif ROUND_ACT == 2:
+        y = _round_to(y, tl.float16)
     cols = g * 128 + tl.arange(0, 128)
     dst = y_ptr + t.to(tl.int64)[:, None] * (H * V) + cols[None, :]
     if QUANT:

@@ -16,7 +16,7 @@ pytestmark = [needs_kernels, pytest.mark.filterwarnings("ignore::RuntimeWarning"
 # ---------------------------------------------------------------- moe_route
 
 @st.composite
-def route_cases(draw):
+def route_cases(draw, max_t: int = 40):
     fault = draw(fault_or_none(["top_k 0", "top_k > E", "groups", "limited", "bias shape", "logits dtype",
                                 "score_func", "logits 1-D"], tenths=2))
     e = draw(st.sampled_from([1, 2, 3, 4, 5, 6, 8, 12, 16, 32, 64, 256]))
@@ -24,7 +24,7 @@ def route_cases(draw):
     n_limited = draw(st.integers(1, n_groups))
     kmax = n_limited * (e // n_groups)
     top_k = draw(st.one_of(st.just(1), st.just(kmax), st.integers(1, kmax)))
-    t = draw(sizes(lo=0, hi=40))
+    t = draw(sizes(lo=0, hi=max_t))
     has_bias = draw(st.booleans())
     score_func = draw(st.sampled_from(["softmax", "sigmoid"]))
     mode = draw(st.sampled_from(["normal", "normal", "ties", "huge", "non-finite tokens"]))

@@ -322,6 +322,46 @@ def test_gather_quant_keeps_nan():
     assert torch.isfinite(sa.cpu()[rows]).all() and torch.isfinite(deq[rows[0]]).all()   # padding rows: unwritten
 
 
+def test_rmsnorm_refuses_a_zero_dim_x(no_launch):
+    """rmsnorm / rmsnorm_act_quant of a 0-D x raised IndexError from the shape check; now ValueError."""
+    x, w = torch.ones((), dtype=HALF, device=DEV), torch.ones(1, dtype=HALF, device=DEV)
+    with no_launch(), pytest.raises(ValueError, match="at least one dimension"):
+        fp8_ops.rmsnorm(x, w)
+    with no_launch(), pytest.raises(ValueError, match="at least one dimension"):
+        fp8_ops.rmsnorm_act_quant(x, w)
+
+
+@pytest.mark.parametrize("nope", [0, 48, 192, 512])
+def test_mla_absorb_q_refuses_a_no_rope_width_it_cannot_tile(nope, no_launch):
+    """The whole no-rope width is one tl.arange / dot K: nope 48 or 192 failed inside the launched kernel ('arange's
+    range must be a power of 2'), 512 with a config-constraint error; now ValueError naming the width."""
+    q = torch.randn(2, 2, nope + 64, device=DEV)
+    w = torch.randn(2, 512, nope, device=DEV).to(HALF)
+    rows = torch.zeros(2, dtype=torch.int32, device=DEV)
+    with no_launch(), pytest.raises(ValueError, match="no-rope width"):
+        mla.mla_absorb_q(q, w, torch.randn(4, 32, 2, device=DEV), rows, HALF)
+
+
+def test_mla_absorb_refuse_non_float_dtypes(no_launch):
+    """out_dtype / act_dtype outside bf16 / fp16 / fp32 raised KeyError from the config lookup; now TypeError."""
+    q = torch.randn(1, 1, 192, device=DEV)
+    with no_launch(), pytest.raises(TypeError, match="out_dtype"):
+        mla.mla_absorb_q(q, torch.zeros(1, 512, 128, dtype=torch.int32, device=DEV), torch.randn(4, 32, 2, device=DEV),
+                         torch.zeros(1, dtype=torch.int32, device=DEV), torch.int32)
+    out, w = torch.randn(1, 2, 512, device=DEV).to(HALF), torch.randn(2, 64, 512, device=DEV).to(HALF)
+    for act in (torch.int32, torch.float64):
+        with no_launch(), pytest.raises(TypeError, match="act_dtype"):
+            mla.mla_absorb_o(out, w, act, True)
+
+
+def test_moe_gate_accepts_an_empty_last_dim_with_any_stride():
+    """moe_gate refused x [T, 0] whose last stride is not 1 ('unit last stride'), which the project's rule accepts
+    (a last dim of size <= 1 has any stride); the logits of D = 0 are zeros."""
+    x = torch.randn(3, 0, device=DEV).as_strided((3, 0), (2, 2))
+    logits = moe.moe_gate(x, torch.randn(4, 0, device=DEV))
+    assert logits.shape == (3, 4) and bool((logits == 0).all())
+
+
 def test_value_checks_are_skipped_while_a_cuda_graph_is_captured(monkeypatch):
     """The ops read device values (one sync) only outside CUDA-graph capture; there the kernels' masks are all that
     stands between a bad id and memory, which the confined cases above exercise with validate=False."""

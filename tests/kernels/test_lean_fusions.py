@@ -63,6 +63,23 @@ def test_output_projection_and_quantisation_equal_einsum_cast_and_act_quant(t, h
         mla.mla_absorb_o(out, torch.zeros(h, 96, 512, dtype=KD, device=DEV), BF, True)
 
 
+@pytest.mark.parametrize("dtype,act", [(torch.float32, torch.float16), (torch.float32, BF), (torch.float16, BF),
+                                       (torch.float16, torch.float32)])
+def test_output_projection_rounds_to_any_activation_dtype(dtype, act):
+    """fp32 attention with fp16 activations: o was rounded to bf16 only, so fp16 activations got fp32 values (found
+    by tests/fuzz/test_fuzz_lean_mla.py::test_mla_absorb_o)."""
+    g = _gen(11)
+    out = torch.randn(3, 2, 512, generator=g).to(dtype).to(DEV)
+    w_uv = (torch.randn(2, 128, 512, generator=g) / 20).to(dtype).to(DEV)
+    o = mla.mla_absorb_o(out, w_uv, act, False)
+    assert torch.equal(o.to(act).to(dtype), o)               # holds act's values
+    ref = torch.einsum("thc,hdc->thd", out.double(), w_uv.double()).flatten(1).to(dtype).to(act)
+    torch.testing.assert_close(o.to(act), ref, rtol=2e-3, atol=1e-5)
+    q, s = mla.mla_absorb_o(out, w_uv, act, True)
+    q_ref, s_ref = ops.act_quant(o.to(act))
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+
+
 @pytest.mark.parametrize("m", [1, 3])
 def test_norm_kernels_equal_rms_norm_then_act_quant(m):
     g = _gen(m)
